@@ -1,0 +1,1 @@
+"""Triton kernels of ssl_fast, one file per op (installed as ``ssl_fast.kernels``)."""

@@ -1,0 +1,54 @@
+"""``python -m ssl_fast.info``: what this installation can run, and why not."""
+import os
+import platform
+import sys
+
+import torch
+
+from ssl_fast import _backend, _ext, _triton
+
+# op name -> (module path, cpp kernel names); the module's _reasons(backend, device) answers.
+OPS = {
+    "ema_": ("ssl_fast.ops.ema", ["ema_"]),
+}
+
+
+def _devices():
+    devs = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devs.append(torch.device("cuda"))
+    return devs
+
+
+def report() -> str:
+    import importlib
+
+    lines = [
+        f"ssl_fast {__import__('ssl_fast').__version__}",
+        f"python {platform.python_version()} on {platform.machine()}, torch {torch.__version__}",
+        f"triton: {_triton.TRITON_VERSION or 'not available'}"
+        f"{' (interpreter: TRITON_INTERPRET=1)' if _triton.INTERPRET else ''}",
+        f"CUDA: {torch.cuda.get_device_name(0) + ', CUDA ' + str(torch.version.cuda) if torch.cuda.is_available() else 'not available (torch.cuda.is_available() is False)'}",
+        f"extension ssl_fast._C: {'loaded' if _ext.extension_error() is None else _ext.extension_error()}",
+        f"backend in force: {_backend.get_backend()} (SSL_FAST_BACKEND={os.environ.get('SSL_FAST_BACKEND', '')!r})",
+        "",
+        "op / device / backend: status",
+    ]
+    for op, (module, _) in OPS.items():
+        mod = importlib.import_module(module)
+        for dev in _devices():
+            for b in _backend.BACKENDS:
+                why = list(mod._reasons(b, dev))
+                lines.append(f"  {op:<22} {dev.type:<5} {b:<10} " + ("available" if not why else "no: " + "; ".join(why)))
+            auto = _backend.resolve(op, dev, lambda b: mod._reasons(b, dev), "auto")
+            lines.append(f"  {op:<22} {dev.type:<5} {'auto':<10} -> {auto}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

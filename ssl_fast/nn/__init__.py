@@ -1,0 +1,4 @@
+"""Drop-in modules built on ssl_fast.ops."""
+from ssl_fast.nn.momentum import MomentumTeacher, cosine_momentum, update_momentum
+
+__all__ = ["MomentumTeacher", "cosine_momentum", "update_momentum"]

@@ -1,0 +1,114 @@
+"""Momentum (EMA) teachers: lightly's ``update_momentum`` and a scheduled teacher wrapper."""
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ssl_fast._checks import check_int, check_real
+from ssl_fast.ops.ema import ema_
+
+
+def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
+    """Update ``model_ema``'s parameters towards ``model``'s: ``ema <- m * ema + (1 - m) * model``.
+
+    Same signature and meaning as ``lightly.models.utils.update_momentum`` (parameters only,
+    buffers untouched), done as one fused multi-tensor update.
+
+    Args:
+        model: the online (student) network.
+        model_ema: the momentum (teacher) network, updated in place.
+        m: momentum in [0, 1]; a 0-d tensor is accepted too.
+    """
+    src = list(model.parameters())
+    dst = list(model_ema.parameters())
+    if len(src) != len(dst):
+        raise ValueError(f"model has {len(src)} parameters but model_ema has {len(dst)}")
+    ema_(dst, src, m)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float, final: float) -> float:
+    """``m_k = final - (final - base) * (cos(pi k / K) + 1) / 2``, held at ``final`` after K steps."""
+    if step >= total_steps:
+        return final
+    return final - (final - base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+class MomentumTeacher(nn.Module):
+    """A frozen copy of a student, updated as the EMA of it on a cosine momentum schedule.
+
+    ``teacher.module`` is the copy (no gradients); ``teacher(x)`` runs it under ``no_grad``.
+    ``update()`` applies one EMA step with the current momentum to every parameter, copies
+    every buffer (BatchNorm running statistics), and advances the schedule. The step is a
+    buffer, so ``state_dict()`` carries it and a resumed run continues the schedule exactly.
+
+    Args:
+        student: the online network; it is copied, and remembered (not registered, so its
+            parameters appear neither in this module's ``parameters()`` nor its state_dict).
+        base_momentum: momentum at step 0 (DINO: 0.996).
+        final_momentum: momentum at ``total_steps`` and after (DINO: 1.0).
+        total_steps: length K of the cosine schedule, usually epochs x iterations per epoch.
+    """
+
+    def __init__(self, student: nn.Module, base_momentum: float = 0.996,
+                 final_momentum: float = 1.0, total_steps: int = 1):
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        self.base_momentum = check_real("base_momentum", base_momentum, low=0.0, high=1.0)
+        self.final_momentum = check_real("final_momentum", final_momentum, low=0.0, high=1.0)
+        self.total_steps = check_int("total_steps", total_steps, low=1)
+        self.module = copy.deepcopy(student)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        object.__setattr__(self, "_student", student)
+        self._step_host = 0  # host mirror of `step`: reading the buffer would synchronise
+
+    @property
+    def student(self) -> nn.Module:
+        return self._student
+
+    @property
+    def momentum(self) -> float:
+        """The momentum the next ``update()`` uses."""
+        return cosine_momentum(self._step_host, self.total_steps, self.base_momentum,
+                               self.final_momentum)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module = None) -> float:
+        """One EMA step towards ``student`` (default: the one given at construction).
+
+        Returns:
+            The momentum that was applied.
+        """
+        student = self._student if student is None else student
+        m = self.momentum
+        t_params = list(self.module.parameters())
+        s_params = list(student.parameters())
+        if len(t_params) != len(s_params):
+            raise ValueError(f"student has {len(s_params)} parameters but the teacher has {len(t_params)}")
+        ema_(t_params, s_params, m)
+        t_bufs = list(self.module.buffers())
+        s_bufs = list(student.buffers())
+        if len(t_bufs) != len(s_bufs):
+            raise ValueError(f"student has {len(s_bufs)} buffers but the teacher has {len(t_bufs)}")
+        for tb, sb in zip(t_bufs, s_bufs):
+            tb.copy_(sb)
+        self._step_host += 1
+        self.step.fill_(self._step_host)
+        return m
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "step"
+        if key in state_dict:
+            self._step_host = int(state_dict[key])
+
+    def extra_repr(self) -> str:
+        return (f"base_momentum={self.base_momentum}, final_momentum={self.final_momentum}, "
+                f"total_steps={self.total_steps}")

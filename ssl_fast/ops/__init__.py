@@ -1,0 +1,4 @@
+"""Functional ops, each autograd-aware and registered with torch.library (``torch.ops.ssl_fast``)."""
+from ssl_fast.ops.ema import ema_
+
+__all__ = ["ema_"]

@@ -1,0 +1,120 @@
+"""EMA (momentum-teacher) update: ``e <- m * e + (1 - m) * t`` for every pair, in place."""
+from collections import defaultdict
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from ssl_fast import _backend
+from ssl_fast._ext import cpp_reasons
+from ssl_fast._triton import triton_reasons
+from ssl_fast.reference import ema as reference
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _reasons(backend: str, device: torch.device) -> List[str]:
+    if backend == "triton":
+        return triton_reasons(device)
+    if backend == "cpp":
+        return cpp_reasons("ema_", device)
+    return []
+
+
+@torch.library.custom_op("ssl_fast::ema_", mutates_args=("ema_tensors",))
+def _ema_op(ema_tensors: List[torch.Tensor], tensors: List[torch.Tensor], momentum: float,
+            momentum_tensor: Optional[torch.Tensor], backend: str) -> None:
+    if backend == "triton":
+        from ssl_fast.kernels import ema as kernel
+
+        groups = defaultdict(lambda: ([], []))
+        for e, t in zip(ema_tensors, tensors):
+            g = groups[(e.dtype, t.dtype)]
+            g[0].append(e)
+            g[1].append(t)
+        for es, ts in groups.values():
+            kernel.ema_group(es, ts, momentum, momentum_tensor)
+    elif backend == "cpp":
+        torch.ops.ssl_fast_C.ema_(ema_tensors, tensors, momentum, momentum_tensor)
+    else:
+        reference.ema_(ema_tensors, tensors, momentum if momentum_tensor is None else momentum_tensor)
+
+
+@_ema_op.register_fake
+def _ema_fake(ema_tensors, tensors, momentum, momentum_tensor, backend) -> None:
+    return None
+
+
+def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+         momentum: Union[float, torch.Tensor], *, backend: Optional[str] = None) -> None:
+    """Momentum (EMA) update of ``ema_tensors`` towards ``tensors``, in place.
+
+    For every pair ``(e, t)``: ``e <- m * e + (1 - m) * t``, computed in float32 (float64 for
+    float64 tensors) and rounded once to ``e``'s dtype. Pairs may differ in dtype (a float32
+    teacher and a bf16 student); integer tensors (such as BatchNorm's ``num_batches_tracked``)
+    are copied. No autograd: the teacher is updated outside the graph.
+
+    Args:
+        ema_tensors: tensors updated in place, for example a teacher's parameters.
+        tensors: tensors of the same shapes, for example the student's parameters.
+        momentum: ``m`` in [0, 1], a Python float or a 0-d floating tensor (may live on the
+            device, so a scheduled momentum needs no host synchronisation).
+        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``; default: the global choice.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: lists of different lengths, a shape mismatch, mixed devices, momentum
+            outside [0, 1].
+    """
+    for name, seq in (("ema_tensors", ema_tensors), ("tensors", tensors)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    if len(ema_tensors) != len(tensors):
+        raise ValueError(f"ema_tensors has {len(ema_tensors)} tensors but tensors has {len(tensors)}")
+    if not ema_tensors:
+        return
+    momentum_tensor = None
+    if isinstance(momentum, torch.Tensor):
+        if momentum.dim() != 0 or not momentum.is_floating_point():
+            raise ValueError(f"momentum tensor must be a 0-d floating tensor, got shape "
+                             f"{tuple(momentum.shape)} and dtype {momentum.dtype}")
+        momentum_tensor, momentum = momentum, 0.0
+    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float or a 0-d tensor, got {type(momentum).__name__}")
+    elif not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    device = None
+    for i, (e, t) in enumerate(zip(ema_tensors, tensors)):
+        if not isinstance(e, torch.Tensor) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"ema_tensors[{i}] and tensors[{i}] must be tensors, got "
+                            f"{type(e).__name__} and {type(t).__name__}")
+        if e.shape != t.shape:
+            raise ValueError(f"ema_tensors[{i}] has shape {tuple(e.shape)} but tensors[{i}] has "
+                             f"shape {tuple(t.shape)}")
+        device = e.device if device is None else device
+        if e.device != device or t.device != device:
+            raise ValueError(f"ema_tensors[{i}] is on {e.device} and tensors[{i}] on {t.device}, "
+                             f"but ema_tensors[0] is on {device}; all tensors must be on one device")
+        if e.is_floating_point() and (e.dtype not in _FLOATS or t.dtype not in _FLOATS):
+            raise TypeError(f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({t.dtype}) must both "
+                            "be float32, float16, bfloat16 or float64")
+    name = _backend.resolve("ema_", device, lambda b: _reasons(b, device), backend)
+    with torch.no_grad():
+        floats_e, floats_t, copy_back = [], [], []
+        for e, t in zip(ema_tensors, tensors):
+            if not e.is_floating_point():
+                e.copy_(t)
+                continue
+            if e.numel() == 0:
+                continue
+            if not e.is_contiguous():
+                work = e.contiguous()
+                copy_back.append((e, work))
+                e = work
+            floats_e.append(e)
+            floats_t.append(t.contiguous())
+        if momentum_tensor is not None:
+            momentum_tensor = momentum_tensor.to(device)
+        if floats_e:
+            torch.ops.ssl_fast.ema_(floats_e, floats_t, float(momentum), momentum_tensor, name)
+        for e, work in copy_back:
+            e.copy_(work)

@@ -1,0 +1,1 @@
+"""Plain-PyTorch definitions of every op: the truth for the tests and the always-available backend."""
