@@ -23,7 +23,11 @@ def cpp_reasons(kernel: str, device: torch.device) -> list:
     if _LOAD_ERROR is not None:
         return [_LOAD_ERROR]
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"ssl_fast_C::{kernel}", key):
+    try:
+        has = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ssl_fast_C::{kernel}", key)
+    except RuntimeError:  # the operator is not defined by this build at all
+        return [f"ssl_fast._C defines no {kernel} kernel (not implemented in C++)"]
+    if not has:
         return [f"ssl_fast._C has no {device.type} kernel for {kernel}"]
     return []
 

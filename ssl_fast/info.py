@@ -9,6 +9,7 @@ from ssl_fast import _backend, _ext, _triton
 
 # op name -> (module path, cpp kernel names); the module's _reasons(backend, device) answers.
 OPS = {
+    "attention": ("ssl_fast.ops.attention", ["attention_fwd"]),
     "ema_": ("ssl_fast.ops.ema", ["ema_"]),
 }
 

@@ -1,0 +1,232 @@
+"""Multi-head attention with relative-position terms computed inside the kernel.
+
+``out = softmax(scale * q k^T + bias) v`` where the bias is one of: none; a Swin relative-position
+table (:class:`RelPosTable`); SAM/ViTDet/MViTv2/BoTNet decomposed relative position
+(:class:`DecomposedRelPos`); and/or an additive or boolean ``attn_mask``.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ssl_fast import _backend
+from ssl_fast._checks import check_real
+from ssl_fast._ext import cpp_reasons
+from ssl_fast._triton import triton_reasons
+from ssl_fast.reference import attention as reference
+
+MAX_TRITON_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class RelPosTable:
+    """Swin relative-position bias: ``bias[h, i, j] = table[index(i, j), h]``.
+
+    Args:
+        table: ``[(2 Wh - 1) * (2 Ww - 1), H]`` learnable table (gets a gradient).
+        window_size: ``(Wh, Ww)``; tokens are the window's positions in row-major order, so
+            ``Nq = Nk = Wh * Ww``.
+        window_mask: optional additive ``[nW, N, N]`` mask (shifted windows); batch row ``b``
+            uses ``window_mask[b % nW]``, so ``B`` must be a multiple of ``nW``.
+    """
+    table: torch.Tensor
+    window_size: Tuple[int, int]
+    window_mask: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class DecomposedRelPos:
+    """Decomposed relative position: ``bias[b, h, i, j] = q_i . Rh[yi, yj] + q_i . Rw[xi, xj]``.
+
+    ``q_i`` is the unscaled query; ``Rh[y, y'] = rel_h[floor(y * max(kh/qh, 1) - y' * max(qh/kh, 1)
+    + (kh - 1) * max(qh/kh, 1))]`` and likewise ``Rw`` (SAM's ``get_rel_pos`` indexing).
+
+    Args:
+        rel_h: ``[2 * max(qh, kh) - 1, D]`` table along the height axis (gets a gradient).
+        rel_w: ``[2 * max(qw, kw) - 1, D]`` table along the width axis (gets a gradient).
+        q_size: query grid ``(qh, qw)`` with ``qh * qw = Nq``.
+        k_size: key grid ``(kh, kw)`` with ``kh * kw = Nk``.
+    """
+    rel_h: torch.Tensor
+    rel_w: torch.Tensor
+    q_size: Tuple[int, int]
+    k_size: Tuple[int, int]
+
+
+def _pair(name, value) -> Tuple[int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value)):
+        raise ValueError(f"{name} must be a pair of positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_inputs(q, k, v, scale, rel_pos, attn_mask, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D] (4 dimensions), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, h, nq, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h):
+        raise ValueError(f"q, k and v must share [B, H]: got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[3] != d:
+        raise ValueError(f"k's head dim {k.shape[3]} differs from q's {d}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v has {v.shape[2]} keys but k has {k.shape[2]}")
+    if nq < 1 or k.shape[2] < 1 or d < 1 or v.shape[3] < 1:
+        raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    nk = k.shape[2]
+    if scale is not None:
+        scale = check_real("scale", scale, low=0.0, low_open=True)
+    check_real("dropout_p", dropout_p, low=0.0, high=1.0)
+    if rel_pos is not None and not isinstance(rel_pos, (RelPosTable, DecomposedRelPos)):
+        raise TypeError(f"rel_pos must be RelPosTable, DecomposedRelPos or None, got {type(rel_pos).__name__}")
+    if isinstance(rel_pos, RelPosTable):
+        wh, ww = _pair("rel_pos.window_size", rel_pos.window_size)
+        t = rel_pos.table
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"rel_pos.table must be a 2-D tensor [(2Wh-1)(2Ww-1), H], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.shape != ((2 * wh - 1) * (2 * ww - 1), h):
+            raise ValueError(f"rel_pos.table must have shape [{(2 * wh - 1) * (2 * ww - 1)}, {h}] for window "
+                             f"{(wh, ww)} and {h} heads, got {tuple(t.shape)}")
+        if nq != wh * ww or nk != wh * ww:
+            raise ValueError(f"window {wh}x{ww} has {wh * ww} tokens but q has {nq} and k has {nk}")
+        if t.device != q.device:
+            raise ValueError(f"rel_pos.table is on {t.device} but q is on {q.device}")
+        m = rel_pos.window_mask
+        if m is not None:
+            if not isinstance(m, torch.Tensor) or m.dim() != 3 or m.shape[1:] != (nq, nk):
+                raise ValueError(f"rel_pos.window_mask must be [nW, {nq}, {nk}], got "
+                                 f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+            if m.shape[0] < 1 or b % m.shape[0] != 0:
+                raise ValueError(f"batch {b} must be a multiple of the number of windows {m.shape[0]} "
+                                 "in rel_pos.window_mask")
+            if m.device != q.device:
+                raise ValueError(f"rel_pos.window_mask is on {m.device} but q is on {q.device}")
+            if not m.is_floating_point():
+                raise TypeError(f"rel_pos.window_mask must be an additive float mask, got {m.dtype}")
+    if isinstance(rel_pos, DecomposedRelPos):
+        qh, qw = _pair("rel_pos.q_size", rel_pos.q_size)
+        kh, kw = _pair("rel_pos.k_size", rel_pos.k_size)
+        if qh * qw != nq:
+            raise ValueError(f"rel_pos.q_size {qh}x{qw} = {qh * qw} does not match q's {nq} tokens")
+        if kh * kw != nk:
+            raise ValueError(f"rel_pos.k_size {kh}x{kw} = {kh * kw} does not match k's {nk} tokens")
+        for name, t, length in (("rel_h", rel_pos.rel_h, 2 * max(qh, kh) - 1),
+                                ("rel_w", rel_pos.rel_w, 2 * max(qw, kw) - 1)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape != (length, d):
+                raise ValueError(f"rel_pos.{name} must have shape [{length}, {d}], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.device != q.device:
+                raise ValueError(f"rel_pos.{name} is on {t.device} but q is on {q.device}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (b, h, nq, nk))
+            ok = attn_mask.dim() <= 4
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"[B, H, Nq, Nk] = {[b, h, nq, nk]}")
+    return scale
+
+
+def _reasons(backend: str, device: torch.device, q=None, v=None, rel_pos=None, attn_mask=None,
+             dropout_p: float = 0.0) -> List[str]:
+    if backend == "reference":
+        return []
+    if backend == "cpp":
+        return cpp_reasons("attention_fwd", device)
+    why = list(triton_reasons(device))
+    why.append("the Triton attention kernel is not in this build yet")
+    if q is not None:
+        if q.dtype == torch.float64:
+            why.append("float64 is not supported by the Triton kernel")
+        if q.shape[-1] > MAX_TRITON_HEAD_DIM or v.shape[-1] > MAX_TRITON_HEAD_DIM:
+            why.append(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {MAX_TRITON_HEAD_DIM}")
+    if dropout_p > 0.0:
+        why.append("attention dropout (dropout_p > 0) is not fused")
+    if attn_mask is not None and attn_mask.requires_grad:
+        why.append("attn_mask requires grad: the kernel gives no gradient to a dense mask "
+                   "(pass a relative-position table as rel_pos=RelPosTable(...) instead)")
+    return why
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+              rel_pos=None, attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Multi-head attention ``softmax(scale * q k^T + bias) v`` with in-kernel relative position.
+
+    Args:
+        q: ``[B, H, Nq, D]`` queries.
+        k: ``[B, H, Nk, D]`` keys.
+        v: ``[B, H, Nk, Dv]`` values.
+        scale: logit scale, default ``D ** -0.5``.
+        rel_pos: ``None``, :class:`RelPosTable` (Swin) or :class:`DecomposedRelPos` (SAM/ViTDet).
+        attn_mask: boolean (``True`` = attend, as in SDPA) or additive float mask broadcastable
+            to ``[B, H, Nq, Nk]``. A query whose every key is masked gets a zero output.
+        dropout_p: attention-probability dropout (applied only when > 0; not fused).
+        backend: force ``"triton"``, ``"cpp"`` or ``"reference"``; default: the global choice.
+
+    Returns:
+        ``[B, H, Nq, Dv]`` in the input dtype. Gradients flow to q, k, v, the position tables and
+        a floating ``attn_mask``.
+    """
+    scale = _check_inputs(q, k, v, scale, rel_pos, attn_mask, dropout_p)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    name = _backend.resolve(
+        "attention", q.device,
+        lambda b: _reasons(b, q.device, q, v, rel_pos, attn_mask, dropout_p), backend)
+    kw = _unpack(rel_pos)
+    return reference.attention(q, k, v, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
+
+
+def _unpack(rel_pos) -> dict:
+    if isinstance(rel_pos, RelPosTable):
+        return dict(table=rel_pos.table, window_size=tuple(rel_pos.window_size),
+                    window_mask=rel_pos.window_mask)
+    if isinstance(rel_pos, DecomposedRelPos):
+        return dict(rel_h=rel_pos.rel_h, rel_w=rel_pos.rel_w, q_size=tuple(rel_pos.q_size),
+                    k_size=tuple(rel_pos.k_size))
+    return {}
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None, rel_pos=None,
+                    attn_mask: Optional[torch.Tensor] = None, query_index=None) -> torch.Tensor:
+    """Attention probabilities of chosen queries, for visualisation (plain PyTorch, no gradient).
+
+    Args:
+        q, k, scale, rel_pos, attn_mask: as for :func:`attention`.
+        query_index: queries to return (an int, a list, a slice or a 1-D index tensor);
+            ``None`` returns all.
+
+    Returns:
+        ``[B, H, len(query_index), Nk]`` float32 probabilities (rows sum to 1, or 0 when fully masked).
+    """
+    v = k[..., :1]
+    scale = _check_inputs(q, k, v, scale, rel_pos, attn_mask, 0.0)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        logits = reference.attention_logits(q, k, scale=scale, attn_mask=attn_mask, **_unpack(rel_pos))
+        if query_index is not None:
+            if isinstance(query_index, int):
+                query_index = [query_index]
+            logits = logits[:, :, query_index]
+        probs = torch.softmax(logits.float(), dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)
