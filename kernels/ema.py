@@ -26,7 +26,7 @@ def _ema_chunks_kernel(ema_addr, src_addr, chunk_len, momentum, momentum_ptr,
     if HAS_MOMENTUM_PTR:
         m = tl.load(momentum_ptr).to(ACC_DTYPE)
     else:
-        m = momentum.to(ACC_DTYPE)
+        m = tl.full((), momentum, ACC_DTYPE)
     for start in tl.range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n

@@ -18,28 +18,34 @@ def extension_error():
     return _LOAD_ERROR
 
 
-def cpp_reasons(kernel: str, device: torch.device) -> list:
-    """Reasons ``torch.ops.ssl_fast_C.<kernel>`` cannot run on ``device`` (empty when it can)."""
-    if _LOAD_ERROR is not None:
-        return [_LOAD_ERROR]
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    try:
-        has = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ssl_fast_C::{kernel}", key)
-    except RuntimeError:  # the operator is not defined by this build at all
-        return [f"ssl_fast._C defines no {kernel} kernel (not implemented in C++)"]
-    if not has:
-        return [f"ssl_fast._C has no {device.type} kernel for {kernel}"]
-    return []
-
-
-def cpp_kernels() -> dict:
+def _scan_kernels() -> dict:
     """Map of every extension operator to the device types it has kernels for."""
     if _LOAD_ERROR is not None:
         return {}
     out = {}
     for schema in torch._C._jit_get_all_schemas():
         if schema.name.startswith("ssl_fast_C::"):
-            name = schema.name.split("::", 1)[1]
-            out[name] = [d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                         if torch._C._dispatch_has_kernel_for_dispatch_key(schema.name, key)]
+            out[schema.name.split("::", 1)[1]] = [
+                d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                if torch._C._dispatch_has_kernel_for_dispatch_key(schema.name, key)]
     return out
+
+
+# Scanned once at import, so that backend choice is plain Python that torch.compile can trace.
+_KERNELS = _scan_kernels()
+
+
+def cpp_kernels() -> dict:
+    """Map of every extension operator to the device types it has kernels for."""
+    return dict(_KERNELS)
+
+
+def cpp_reasons(kernel: str, device: torch.device) -> list:
+    """Reasons ``torch.ops.ssl_fast_C.<kernel>`` cannot run on ``device`` (empty when it can)."""
+    if _LOAD_ERROR is not None:
+        return [_LOAD_ERROR]
+    if kernel not in _KERNELS:
+        return [f"ssl_fast._C defines no {kernel} kernel (not implemented in C++)"]
+    if device.type not in _KERNELS[kernel]:
+        return [f"ssl_fast._C has no {device.type} kernel for {kernel}"]
+    return []

@@ -1,0 +1,210 @@
+"""EMA op, update_momentum and MomentumTeacher against the float64 reference."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ssl_fast
+from ssl_fast import ops
+from ssl_fast.nn import MomentumTeacher, cosine_momentum, update_momentum
+from helpers import assert_matches_reference, backend_params
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _truth(e, t, m):
+    """float64 truth of m*e + (1-m)*t, before rounding to e's dtype."""
+    return m * e.double() + (1 - m) * t.double()
+
+
+def _eager_same_dtype(e, t, m):
+    """The official per-parameter loop, in e's dtype: the low-precision baseline."""
+    out = e.clone()
+    out.mul_(m).add_((1 - m) * t.to(e.dtype))
+    return out
+
+
+pair_shapes = st.lists(
+    st.sampled_from([(1,), (7,), (5, 3), (197, 3), (64, 65), (3, 7, 2), (70000,)]), min_size=1, max_size=4)
+
+
+@pytest.mark.parametrize("backend", backend_params("ema"))
+@given(shapes=pair_shapes,
+       e_dtype=st.sampled_from(FLOATS), s_dtype=st.sampled_from(FLOATS),
+       momentum=st.one_of(st.sampled_from([0.0, 1.0, 0.996]), st.floats(0.0, 1.0)),
+       as_tensor=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_ema_matches_reference(backend, shapes, e_dtype, s_dtype, momentum, as_tensor, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    ema = [torch.randn(s, generator=g).to(e_dtype) for s in shapes]
+    src = [torch.randn(s, generator=g).to(s_dtype) for s in shapes]
+    if transposed:  # non-contiguous teacher and student tensors
+        ema = [e.t().contiguous().t() if e.dim() == 2 else e for e in ema]
+        src = [s.t().contiguous().t() if s.dim() == 2 else s for s in src]
+    before = [e.clone() for e in ema]
+    m = torch.tensor(momentum, dtype=torch.float64) if as_tensor else momentum
+    ops.ema_(ema, src, m, backend=backend)
+    for e, b, s in zip(ema, before, src):
+        m_f = float(m)
+        truth = _truth(b, s, m_f)
+        assert_matches_reference(e, truth, _eager_same_dtype(b, s, m_f), what=f"ema ({e_dtype}<-{s_dtype})")
+        if momentum == 1.0:
+            assert torch.equal(e, b), "momentum 1 must leave the teacher unchanged"
+        if momentum == 0.0:
+            assert torch.equal(e, s.to(e_dtype)), "momentum 0 must copy the student"
+
+
+@pytest.mark.parametrize("backend", backend_params("ema"))
+def test_ema_integer_tensors_are_copied_and_float64_kept_exact(backend):
+    ema = [torch.zeros(3, dtype=torch.int64), torch.randn(9, dtype=torch.float64)]
+    src = [torch.tensor([4, 5, 6]), torch.randn(9, dtype=torch.float64)]
+    truth = 0.25 * ema[1] + 0.75 * src[1]
+    ops.ema_(ema, src, 0.25, backend=backend)
+    assert torch.equal(ema[0], src[0])
+    torch.testing.assert_close(ema[1], truth, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", backend_params("ema"))
+def test_ema_nan_propagates(backend):
+    ema, src = [torch.ones(5)], [torch.tensor([1.0, float("nan"), 2.0, float("inf"), 0.0])]
+    ops.ema_(ema, src, 0.5, backend=backend)
+    assert torch.isnan(ema[0][1]) and torch.isinf(ema[0][3]) and ema[0][2] == 1.5
+
+
+def test_ema_bad_input_names_the_argument():
+    a, b = [torch.zeros(3)], [torch.zeros(3)]
+    with pytest.raises(ValueError, match="ema_tensors has 1 tensors but tensors has 2"):
+        ops.ema_(a, b + b, 0.5)
+    with pytest.raises(ValueError, match=r"ema_tensors\[0\] has shape \(3,\) but tensors\[0\] has shape \(4,\)"):
+        ops.ema_(a, [torch.zeros(4)], 0.5)
+    with pytest.raises(ValueError, match="momentum must be in \\[0, 1\\]"):
+        ops.ema_(a, b, 1.5)
+    with pytest.raises(TypeError, match="momentum must be a float"):
+        ops.ema_(a, b, "0.9")
+    with pytest.raises(ValueError, match="0-d floating tensor"):
+        ops.ema_(a, b, torch.tensor([0.9]))
+    with pytest.raises(TypeError, match="ema_tensors must be a list"):
+        ops.ema_(torch.zeros(3), b, 0.5)
+    with pytest.raises(ValueError, match="one device"):
+        ops.ema_(a, [torch.zeros(3, device="meta")], 0.5)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        ops.ema_(a, [torch.zeros(3, dtype=torch.complex64)], 0.5)
+
+
+@pytest.mark.parametrize("backend", backend_params("ema"))
+def test_ema_opcheck(backend):
+    ema = [torch.randn(5, 3), torch.randn(70).bfloat16()]
+    src = [torch.randn(5, 3), torch.randn(70)]
+    torch.library.opcheck(torch.ops.ssl_fast.ema_.default, (ema, src, 0.9, None, backend))
+    torch.library.opcheck(torch.ops.ssl_fast.ema_.default, (ema, src, 0.0, torch.tensor(0.5), backend))
+
+
+def test_ema_compiles_fullgraph():
+    teacher = [torch.randn(4, 4), torch.randn(4)]
+    student = [torch.randn(4, 4), torch.randn(4)]
+    expected = [0.9 * t + 0.1 * s for t, s in zip(teacher, student)]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(t, s):
+        ops.ema_(t, s, 0.9)
+
+    step(teacher, student)
+    for t, e in zip(teacher, expected):
+        torch.testing.assert_close(t, e)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+
+
+def test_update_momentum_is_lightlys_formula():
+    student, teacher = _net(), _net()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    expected = [0.99 * pt + 0.01 * ps for pt, ps in zip(teacher.parameters(), student.parameters())]
+    running = teacher[1].running_mean.clone()
+    ssl_fast.update_momentum(student, teacher, 0.99)
+    for p, e in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(p, e)
+    assert torch.equal(teacher[1].running_mean, running), "lightly's update_momentum leaves buffers alone"
+    with pytest.raises(ValueError, match="model has"):
+        update_momentum(student, torch.nn.Linear(4, 8), 0.9)
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine_momentum(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996, 1.0) == 1.0
+    assert cosine_momentum(250, 100, 0.996, 1.0) == 1.0
+
+
+def _train_steps(student, teacher, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=g)
+        loss = (student(x) - teacher(x)).pow(2).mean() + student(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher.update()
+
+
+def test_momentum_teacher_update_buffers_and_schedule():
+    student = _net()
+    teacher = MomentumTeacher(student, base_momentum=0.9, final_momentum=1.0, total_steps=4)
+    assert not any(p.requires_grad for p in teacher.module.parameters())
+    assert "step" in teacher.state_dict() and not any(k.startswith("_student") for k in teacher.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(8, 4))  # moves BatchNorm running stats
+    before = [p.clone() for p in teacher.module.parameters()]
+    m = teacher.update()
+    assert m == pytest.approx(0.9)
+    for p, b, s in zip(teacher.module.parameters(), before, student.parameters()):
+        torch.testing.assert_close(p, 0.9 * b + 0.1 * s)
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)
+    assert torch.equal(teacher.module[1].num_batches_tracked, student[1].num_batches_tracked)
+    assert teacher.momentum == pytest.approx(cosine_momentum(1, 4, 0.9, 1.0))
+    assert int(teacher.step) == 1
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        MomentumTeacher(student, total_steps=0)
+    with pytest.raises(ValueError, match="base_momentum must be <= 1"):
+        MomentumTeacher(student, base_momentum=1.5)
+
+
+def test_momentum_teacher_resume_equals_uninterrupted():
+    def make():
+        student = _net()
+        teacher = MomentumTeacher(student, base_momentum=0.8, final_momentum=1.0, total_steps=10)
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        return student, teacher, opt
+
+    s1, t1, o1 = make()
+    _train_steps(s1, t1, o1, 6, seed=1)
+
+    s2, t2, o2 = make()
+    _train_steps(s2, t2, o2, 3, seed=1)
+    saved = copy.deepcopy((s2.state_dict(), t2.state_dict(), o2.state_dict()))
+    # a fresh process: new objects, state restored from the checkpoint
+    s3, t3, o3 = make()
+    s3.load_state_dict(saved[0])
+    t3.load_state_dict(saved[1])
+    o3.load_state_dict(saved[2])
+    assert t3.momentum == t2.momentum
+    # the remaining 3 steps use the same data stream as steps 4..6 of the uninterrupted run
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        torch.randn(16, 4, generator=g)
+    for _ in range(3):
+        x = torch.randn(16, 4, generator=g)
+        loss = (s3(x) - t3(x)).pow(2).mean() + s3(x).pow(2).mean()
+        o3.zero_grad()
+        loss.backward()
+        o3.step()
+        t3.update()
+    for a, b in zip(t1.state_dict().values(), t3.state_dict().values()):
+        assert torch.equal(a, b)
