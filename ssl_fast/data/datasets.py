@@ -1,0 +1,225 @@
+"""In-memory image datasets: embedded digits, an image folder, CIFAR-10 python batches.
+
+Every loader returns :class:`ImageSet` objects holding ``images [N, 3, H, W]`` float32 in [0, 1]
+and ``labels [N]`` int64. The sets are small enough to live in memory, which lets the trainer
+augment whole batches on the training device and makes the data order a pure function of the seed.
+"""
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class ImageSet:
+    """A labelled set of images held in memory.
+
+    Attributes:
+        images: ``[N, 3, H, W]`` float32 in [0, 1].
+        labels: ``[N]`` int64 class indices.
+        classes: class names, ``classes[labels[i]]`` is image i's class.
+        name: short description for logs.
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: List[str] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self):
+        if self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be [{self.images.shape[0]}], got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def channel_stats(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """Per-channel mean and standard deviation (for normalisation)."""
+        x = self.images.double()
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split: indices ``(train, test)``, each sorted.
+
+    Every class contributes ``round(test_fraction * n_class)`` images (at least one when it has
+    two or more) to the test set, chosen by a NumPy generator seeded with ``seed``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(test_fraction * len(idx)))
+        if len(idx) >= 2:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _to_rgb_tensor(images: np.ndarray, size: Optional[int]) -> torch.Tensor:
+    """``[N, H, W]`` or ``[N, H, W, C]`` array in [0, 1] -> ``[N, 3, size, size]`` float32."""
+    x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
+    if x.dim() == 3:
+        x = x[:, None]
+    else:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        x = x[:, :3]
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def load_digits(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+    """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels; shipped with scikit-learn).
+
+    Upsampled bicubically to ``image_size`` and repeated to 3 channels; split stratified into
+    train and held-out sets (80/20 by default) with a fixed seed, so the split never changes.
+
+    Returns:
+        ``(train, test)`` image sets.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    d = sk_load_digits()
+    images = d.images.astype(np.float32) / 16.0
+    labels = d.target.astype(np.int64)
+    tr, te = stratified_split(labels, test_fraction, split_seed)
+    x = _to_rgb_tensor(images, image_size)
+    y = torch.as_tensor(labels)
+    classes = [str(i) for i in range(10)]
+    return (ImageSet(x[tr], y[tr], classes, f"digits-train ({len(tr)} images, {image_size}px)"),
+            ImageSet(x[te], y[te], classes, f"digits-test ({len(te)} images, {image_size}px)"))
+
+
+def _read_image(path: str) -> np.ndarray:
+    """An image file as a float array in [0, 1], ``[H, W]`` or ``[H, W, C]`` (PIL, else matplotlib)."""
+    if importlib.util.find_spec("PIL") is not None:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    import matplotlib.image as mpimg
+
+    a = mpimg.imread(path)
+    return a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+
+
+def load_image_folder(root: str, image_size: int = 32, test_fraction: float = 0.2,
+                      split_seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+    """An image folder with one subfolder per class (``root/<class>/<image>``), resized to ``image_size``.
+
+    If ``root`` holds ``train/`` and ``val/`` (or ``test/``) folders, those are the split;
+    otherwise the images are split stratified like the digits.
+
+    Raises:
+        FileNotFoundError: ``root`` missing, or no class subfolder with images.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder {root!r} does not exist (expected one subfolder per class)")
+    held = next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
+    if os.path.isdir(os.path.join(root, "train")) and held:
+        train, classes = _read_folder(os.path.join(root, "train"), image_size, None)
+        test, _ = _read_folder(os.path.join(root, held), image_size, classes)
+        return (ImageSet(train[0], train[1], classes, f"{root}/train ({len(train[1])} images)"),
+                ImageSet(test[0], test[1], classes, f"{root}/{held} ({len(test[1])} images)"))
+    (x, y), classes = _read_folder(root, image_size, None)
+    tr, te = stratified_split(y.numpy(), test_fraction, split_seed)
+    return (ImageSet(x[tr], y[tr], classes, f"{root} train split ({len(tr)} images)"),
+            ImageSet(x[te], y[te], classes, f"{root} held-out split ({len(te)} images)"))
+
+
+def _read_folder(root: str, image_size: int, classes: Optional[List[str]]):
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if classes is None:
+        classes = found
+    if not classes:
+        raise FileNotFoundError(f"data folder {root!r} has no class subfolders (expected {root}/<class>/<image>)")
+    images, labels = [], []
+    for ci, c in enumerate(classes):
+        folder = os.path.join(root, c)
+        if not os.path.isdir(folder):
+            continue
+        for fname in sorted(os.listdir(folder)):
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(_to_rgb_tensor(_read_image(os.path.join(folder, fname))[None], image_size))
+                labels.append(ci)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {root!r}")
+    return (torch.cat(images), torch.tensor(labels, dtype=torch.int64)), classes
+
+
+def load_cifar10(root: str, image_size: int = 32) -> Tuple[ImageSet, ImageSet]:
+    """CIFAR-10 from the python pickles (``data_batch_1..5`` and ``test_batch``) the user has.
+
+    ``root`` is the ``cifar-10-batches-py`` folder or its parent. Nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: the folder or a batch file is missing.
+    """
+    cand = [root, os.path.join(root, "cifar-10-batches-py")]
+    folder = next((c for c in cand if os.path.isfile(os.path.join(c, "data_batch_1"))), None)
+    if folder is None:
+        raise FileNotFoundError(f"no CIFAR-10 python batches in {root!r} (looked for data_batch_1..5 and "
+                                "test_batch there and in its cifar-10-batches-py/ subfolder)")
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 folder {folder!r} lacks {', '.join(missing)}")
+
+    def read(n):
+        with open(os.path.join(folder, n), "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return x.astype(np.float32) / 255.0, np.asarray(d[b"labels"], dtype=np.int64)
+
+    parts = [read(n) for n in names[:5]]
+    xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xte, yte = read("test_batch")
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    meta = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta):
+        with open(meta, "rb") as f:
+            classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+    return (ImageSet(_to_rgb_tensor(xtr, image_size), torch.as_tensor(ytr), classes, f"cifar10-train ({len(ytr)})"),
+            ImageSet(_to_rgb_tensor(xte, image_size), torch.as_tensor(yte), classes, f"cifar10-test ({len(yte)})"))
+
+
+def load_dataset(spec: str, image_size: Optional[int] = None) -> Tuple[ImageSet, ImageSet]:
+    """Resolve a ``--data`` value: ``digits``, ``cifar10:<folder>`` or an image-folder path.
+
+    Args:
+        spec: the data specification.
+        image_size: side the images are resized to (default: 32).
+
+    Raises:
+        FileNotFoundError: a folder that does not exist or holds no usable data.
+    """
+    size = 32 if image_size is None else image_size
+    if spec == "digits":
+        return load_digits(size)
+    if spec.startswith("cifar10:"):
+        return load_cifar10(spec[len("cifar10:"):], size)
+    if spec == "cifar10":
+        raise ValueError("give the CIFAR-10 folder as --data cifar10:/path/to/cifar-10-batches-py")
+    return load_image_folder(spec, size)

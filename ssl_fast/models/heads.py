@@ -1,0 +1,70 @@
+"""Projection heads for self-supervised methods."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: MLP -> bottleneck -> L2 normalise -> weight-normalised linear to K.
+
+    ``x [B, in_dim] -> Linear(in_dim, hidden) -> GELU -> (Linear(hidden, hidden) -> GELU) x (nlayers - 2)
+    -> Linear(hidden, bottleneck) -> x / ||x|| -> last_layer -> [B, out_dim]``.
+
+    ``last_layer`` is ``Linear(bottleneck, out_dim, bias=False)`` under
+    ``torch.nn.utils.parametrizations.weight_norm``: ``W = g * V / ||V||`` per output row, with the
+    magnitude ``g`` (``last_layer.parametrizations.weight.original0``) initialised to 1 and frozen
+    when ``norm_last_layer`` is true, so every prototype has unit norm.
+
+    Args:
+        in_dim: backbone feature width.
+        out_dim: K, number of prototypes (DINO: 65536).
+        use_bn: BatchNorm after each hidden linear layer (DINO's ViT recipe: off).
+        norm_last_layer: freeze ``g`` at 1 (unit-norm prototypes).
+        nlayers: linear layers in the MLP (>= 1; 1 maps straight to the bottleneck).
+        hidden_dim: MLP width (DINO: 2048).
+        bottleneck_dim: width before the last layer (DINO: 256).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        for name, v in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden_dim", hidden_dim),
+                        ("bottleneck_dim", bottleneck_dim)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim)]
+            for i in range(nlayers - 1):
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+                layers.append(nn.Linear(hidden_dim, hidden_dim if i < nlayers - 2 else bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+        self.norm_last_layer = norm_last_layer
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def last_layer_parameters(self):
+        """The parameters frozen during DINO's first epoch(s)."""
+        return [p for p in self.last_layer.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim] -> [B, out_dim]`` logits (before temperature)."""
+        x = F.normalize(self.mlp(x), dim=-1, p=2)
+        return self.last_layer(x)
