@@ -1,0 +1,363 @@
+// CvT convolutional q/k/v projection on the CPU: depthwise 3x3 conv (padding 1, strides s_q for q
+// and s_kv for k and v) + BatchNorm2d, token map [B, H, W, C] (channels last) in, tokens
+// [B, Ho*Wo, C] out. One pass over the token map computes all three convolutions: every centre
+// pixel loads its nine taps once and feeds q (when the centre lies on the q grid) and k, v (on the
+// k/v grid). Batch statistics come from per-row partials (sum, M2) merged in a fixed order (Chan),
+// so results do not depend on the number of threads. Math: ssl_fast/reference/conv_projection.py.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+inline int64_t out_len(int64_t n, int64_t s) { return (n - 1) / s + 1; }
+
+// Conv outputs of the three projections in the accumulation dtype, channels last:
+// y[p] is [B, Ho_p*Wo_p, C]. wt is [3, 9, C] (taps outermost, so the channel loop is contiguous).
+// When stats is true, also per-centre-row partial sums and M2 (around the row mean) of every
+// projection: part_sum/part_m2 are [3, B*H, C]; rows off a projection's grid hold zeros.
+template <typename scalar_t, typename acc_t>
+void conv3(const scalar_t* X, const acc_t* wt, acc_t* const* Y, int64_t B, int64_t H, int64_t W,
+           int64_t C, const int64_t* s, bool stats, acc_t* part_sum, acc_t* part_m2) {
+  int64_t Ho[3], Wo[3];
+  for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(3 * C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, h = r % H;
+      bool on_row[3];
+      for (int p = 0; p < 3; ++p) on_row[p] = h % s[p] == 0;
+      if (!on_row[0] && !on_row[1] && !on_row[2]) continue;
+      acc_t* rowp[3];
+      for (int p = 0; p < 3; ++p)
+        rowp[p] = on_row[p] ? Y[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
+      for (int64_t w = 0; w < W; ++w) {
+        bool on[3];
+        for (int p = 0; p < 3; ++p) on[p] = on_row[p] && w % s[p] == 0;
+        if (!on[0] && !on[1] && !on[2]) continue;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int i = 0; i < 3; ++i) {
+          const int64_t hh = h + i - 1;
+          if (hh < 0 || hh >= H) continue;
+          for (int j = 0; j < 3; ++j) {
+            const int64_t ww = w + j - 1;
+            if (ww < 0 || ww >= W) continue;
+            const scalar_t* xp = X + ((b * H + hh) * W + ww) * C;
+            const int t = 3 * i + j;
+            for (int p = 0; p < 3; ++p) {
+              if (!on[p]) continue;
+              const acc_t* wp = wt + (p * 9 + t) * C;
+              acc_t* ap = acc.data() + p * C;
+_Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) ap[c] += wp[c] * static_cast<acc_t>(xp[c]);
+            }
+          }
+        }
+        for (int p = 0; p < 3; ++p) {
+          if (!on[p]) continue;
+          std::copy(acc.data() + p * C, acc.data() + (p + 1) * C, rowp[p] + (w / s[p]) * C);
+        }
+      }
+      if (!stats) continue;
+      for (int p = 0; p < 3; ++p) {
+        if (!on_row[p]) continue;
+        acc_t* ps = part_sum + (p * B * H + r) * C;
+        acc_t* pm = part_m2 + (p * B * H + r) * C;
+        const acc_t* row = rowp[p];
+        for (int64_t c = 0; c < C; ++c) ps[c] = 0;
+        for (int64_t o = 0; o < Wo[p]; ++o) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) ps[c] += row[o * C + c];
+        }
+        const acc_t inv_n = acc_t(1) / static_cast<acc_t>(Wo[p]);
+        for (int64_t c = 0; c < C; ++c) pm[c] = 0;
+        for (int64_t o = 0; o < Wo[p]; ++o) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = row[o * C + c] - ps[c] * inv_n;
+            pm[c] += d * d;
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fwd_cpu(
+    const Tensor& x_in, const Tensor& weight, const Tensor& gamma, const Tensor& beta,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+    at::ArrayRef<double> eps, int64_t stride_q, int64_t stride_kv, bool use_batch_stats) {
+  TORCH_CHECK(x_in.dim() == 4, "conv_qkv_projection_fwd: x must be [B, H, W, C]");
+  TORCH_CHECK(eps.size() == 3, "conv_qkv_projection_fwd: eps needs 3 values");
+  TORCH_CHECK(stride_q >= 1 && stride_kv >= 1, "conv_qkv_projection_fwd: strides must be >= 1");
+  const Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({3, C, 9}), "conv_qkv_projection_fwd: weight must be [3, C, 9]");
+  const int64_t s[3] = {stride_q, stride_kv, stride_kv};
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto aopt = x.options().dtype(acc_type);
+  const Tensor wt = weight.to(acc_type).permute({0, 2, 1}).contiguous();  // [3, 9, C]
+  const Tensor g = gamma.to(acc_type).contiguous(), be = beta.to(acc_type).contiguous();
+  int64_t Ho[3], Wo[3];
+  Tensor yacc[3], out[3], ysave[3];
+  for (int p = 0; p < 3; ++p) {
+    Ho[p] = out_len(H, s[p]);
+    Wo[p] = out_len(W, s[p]);
+    yacc[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
+    out[p] = at::empty({B, Ho[p] * Wo[p], C}, x.options());
+    ysave[p] = use_batch_stats ? at::empty({B, Ho[p] * Wo[p], C}, x.options()) : at::empty({0}, x.options());
+  }
+  Tensor mean = at::empty({3, C}, aopt), invstd = at::empty({3, C}, aopt), var = at::empty({3, C}, aopt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* Y[3] = {yacc[0].data_ptr<acc_t>(), yacc[1].data_ptr<acc_t>(), yacc[2].data_ptr<acc_t>()};
+    Tensor psum, pm2;
+    if (use_batch_stats) {
+      psum = at::empty({3, B * H, C}, aopt);
+      pm2 = at::empty({3, B * H, C}, aopt);
+    }
+    conv3<scalar_t, acc_t>(x.data_ptr<scalar_t>(), wt.data_ptr<acc_t>(), Y, B, H, W, C, s, use_batch_stats,
+                           use_batch_stats ? psum.data_ptr<acc_t>() : nullptr,
+                           use_batch_stats ? pm2.data_ptr<acc_t>() : nullptr);
+    acc_t* M = mean.data_ptr<acc_t>();
+    acc_t* IS = invstd.data_ptr<acc_t>();
+    acc_t* V = var.data_ptr<acc_t>();
+    if (use_batch_stats) {
+      // merge the per-row partials in row order (deterministic), all channels at once
+      for (int p = 0; p < 3; ++p) {
+        const int64_t n_total = B * Ho[p] * Wo[p];
+        TORCH_CHECK(n_total > 1, "conv_qkv_projection_fwd: batch statistics need more than one value per channel");
+        const acc_t* ps = psum.data_ptr<acc_t>() + p * B * H * C;
+        const acc_t* pm = pm2.data_ptr<acc_t>() + p * B * H * C;
+        std::vector<acc_t> tot(C, 0), m2(C, 0);
+        for (int64_t r = 0; r < B * H; ++r) {
+          if ((r % H) % s[p] != 0) continue;
+          for (int64_t c = 0; c < C; ++c) tot[c] += ps[r * C + c];
+        }
+        const acc_t inv_total = acc_t(1) / static_cast<acc_t>(n_total);
+        const acc_t n_row = static_cast<acc_t>(Wo[p]);
+        for (int64_t r = 0; r < B * H; ++r) {
+          if ((r % H) % s[p] != 0) continue;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = ps[r * C + c] / n_row - tot[c] * inv_total;
+            m2[c] += pm[r * C + c] + n_row * d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t vb = m2[c] * inv_total;
+          M[p * C + c] = tot[c] * inv_total;
+          IS[p * C + c] = acc_t(1) / std::sqrt(vb + static_cast<acc_t>(eps[p]));
+          V[p * C + c] = m2[c] / static_cast<acc_t>(n_total - 1);
+        }
+      }
+    } else {
+      TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                  "conv_qkv_projection_fwd: eval mode needs running_mean and running_var");
+      const Tensor rm = running_mean->to(acc_type).contiguous(), rv = running_var->to(acc_type).contiguous();
+      for (int p = 0; p < 3; ++p)
+        for (int64_t c = 0; c < C; ++c) {
+          M[p * C + c] = rm.data_ptr<acc_t>()[p * C + c];
+          V[p * C + c] = rv.data_ptr<acc_t>()[p * C + c];
+          IS[p * C + c] = acc_t(1) / std::sqrt(V[p * C + c] + static_cast<acc_t>(eps[p]));
+        }
+    }
+    const acc_t* G = g.data_ptr<acc_t>();
+    const acc_t* Be = be.data_ptr<acc_t>();
+    for (int p = 0; p < 3; ++p) {
+      std::vector<acc_t> scale(C), shift(C);
+      for (int64_t c = 0; c < C; ++c) {
+        scale[c] = G[p * C + c] * IS[p * C + c];
+        shift[c] = Be[p * C + c] - M[p * C + c] * scale[c];
+      }
+      const acc_t* y = Y[p];
+      scalar_t* o = out[p].data_ptr<scalar_t>();
+      scalar_t* ys = use_batch_stats ? ysave[p].data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, B * Ho[p] * Wo[p], 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * scale[c] + shift[c]);
+          if (ys) {
+_Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c) ys[i * C + c] = static_cast<scalar_t>(y[i * C + c]);
+          }
+        }
+      });
+    }
+  });
+  return {out[0], out[1], out[2], ysave[0], ysave[1], ysave[2], mean, invstd, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+    const Tensor& gq, const Tensor& gk, const Tensor& gv, const Tensor& x_in, const Tensor& weight,
+    const Tensor& gamma, const Tensor& mean, const Tensor& invstd, const Tensor& yq, const Tensor& yk,
+    const Tensor& yv, int64_t stride_q, int64_t stride_kv, bool use_batch_stats) {
+  TORCH_CHECK(x_in.dim() == 4, "conv_qkv_projection_bwd: x must be [B, H, W, C]");
+  const Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t s[3] = {stride_q, stride_kv, stride_kv};
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto aopt = x.options().dtype(acc_type);
+  const Tensor wt = weight.to(acc_type).permute({0, 2, 1}).contiguous();  // [3, 9, C]
+  const Tensor ga = gamma.to(acc_type).contiguous(), mu = mean.to(acc_type).contiguous(),
+               is = invstd.to(acc_type).contiguous();
+  int64_t Ho[3], Wo[3];
+  for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
+  const Tensor gin[3] = {gq, gk, gv};
+  const Tensor ys[3] = {yq, yk, yv};
+  Tensor y[3], dy[3];
+  Tensor gx = at::empty({B, H, W, C}, x.options());
+  Tensor gw = at::empty({3, 9, C}, aopt), gg = at::empty({3, C}, aopt), gb = at::empty({3, C}, aopt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bool need_conv = false;
+    for (int p = 0; p < 3; ++p) {
+      if (ys[p].numel() == 0) need_conv = true;
+      else y[p] = ys[p].to(acc_type).contiguous();
+    }
+    if (need_conv) {  // eval mode: recompute the conv outputs (they are not saved)
+      Tensor yc[3];
+      acc_t* Y[3];
+      for (int p = 0; p < 3; ++p) { yc[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt); Y[p] = yc[p].data_ptr<acc_t>(); }
+      conv3<scalar_t, acc_t>(x.data_ptr<scalar_t>(), wt.data_ptr<acc_t>(), Y, B, H, W, C, s, false, nullptr, nullptr);
+      for (int p = 0; p < 3; ++p) if (ys[p].numel() == 0) y[p] = yc[p];
+    }
+    const acc_t* WT = wt.data_ptr<acc_t>();
+    for (int p = 0; p < 3; ++p) {
+      const Tensor g = gin[p].to(acc_type).contiguous();
+      const int64_t rows = B * Ho[p], rowlen = Wo[p] * C, n = B * Ho[p] * Wo[p];
+      const acc_t* G = g.data_ptr<acc_t>();
+      const acc_t* Yp = y[p].data_ptr<acc_t>();
+      const acc_t* Mu = mu.data_ptr<acc_t>() + p * C;
+      const acc_t* IS = is.data_ptr<acc_t>() + p * C;
+      const acc_t* GA = ga.data_ptr<acc_t>() + p * C;
+      // dbeta, dgamma: per-row partials, merged in row order
+      Tensor part = at::zeros({rows, 2, C}, aopt);
+      acc_t* P = part.data_ptr<acc_t>();
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t* pb = P + r * 2 * C;
+          acc_t* pg = pb + C;
+          for (int64_t o = 0; o < Wo[p]; ++o) {
+            const acc_t* go = G + r * rowlen + o * C;
+            const acc_t* yo = Yp + r * rowlen + o * C;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c) {
+              pb[c] += go[c];
+              pg[c] += go[c] * (yo[c] - Mu[c]) * IS[c];
+            }
+          }
+        }
+      });
+      acc_t* DB = gb.data_ptr<acc_t>() + p * C;
+      acc_t* DG = gg.data_ptr<acc_t>() + p * C;
+      for (int64_t c = 0; c < C; ++c) { DB[c] = 0; DG[c] = 0; }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < C; ++c) { DB[c] += P[r * 2 * C + c]; DG[c] += P[r * 2 * C + C + c]; }
+      // dy = a*g + b*y + c0 per channel
+      std::vector<acc_t> ca(C), cb(C), cc(C);
+      for (int64_t c = 0; c < C; ++c) {
+        ca[c] = GA[c] * IS[c];
+        if (use_batch_stats) {
+          const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+          cb[c] = -ca[c] * IS[c] * DG[c] * inv_n;
+          cc[c] = -ca[c] * DB[c] * inv_n - cb[c] * Mu[c];
+        } else {
+          cb[c] = 0;
+          cc[c] = 0;
+        }
+      }
+      dy[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
+      acc_t* DY = dy[p].data_ptr<acc_t>();
+      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) DY[i * C + c] = ca[c] * G[i * C + c] + cb[c] * Yp[i * C + c] + cc[c];
+        }
+      });
+      // dw: per output row partials [rows, 9, C], merged in row order
+      Tensor wpart = at::zeros({rows, 9, C}, aopt);
+      acc_t* WP = wpart.data_ptr<acc_t>();
+      const scalar_t* X = x.data_ptr<scalar_t>();
+      const int64_t sp = s[p];
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / Ho[p], oh = r % Ho[p];
+          acc_t* wr = WP + r * 9 * C;
+          for (int64_t ow = 0; ow < Wo[p]; ++ow) {
+            const acc_t* d = DY + (r * Wo[p] + ow) * C;
+            for (int i = 0; i < 3; ++i) {
+              const int64_t hh = oh * sp + i - 1;
+              if (hh < 0 || hh >= H) continue;
+              for (int j = 0; j < 3; ++j) {
+                const int64_t ww = ow * sp + j - 1;
+                if (ww < 0 || ww >= W) continue;
+                const scalar_t* xp = X + ((b * H + hh) * W + ww) * C;
+                acc_t* wt_ = wr + (3 * i + j) * C;
+_Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) wt_[c] += d[c] * static_cast<acc_t>(xp[c]);
+              }
+            }
+          }
+        }
+      });
+      acc_t* GW = gw.data_ptr<acc_t>() + p * 9 * C;
+      for (int64_t k = 0; k < 9 * C; ++k) GW[k] = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < 9 * C; ++k) GW[k] += WP[r * 9 * C + k];
+    }
+    // dx: gather from every output whose taps cover the pixel
+    const acc_t* DYp[3] = {dy[0].data_ptr<acc_t>(), dy[1].data_ptr<acc_t>(), dy[2].data_ptr<acc_t>()};
+    scalar_t* GX = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, h = r % H;
+        for (int64_t w = 0; w < W; ++w) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int p = 0; p < 3; ++p) {
+            for (int i = 0; i < 3; ++i) {
+              const int64_t nh = h + 1 - i;
+              if (nh < 0 || nh % s[p] != 0 || nh / s[p] >= Ho[p]) continue;
+              for (int j = 0; j < 3; ++j) {
+                const int64_t nw = w + 1 - j;
+                if (nw < 0 || nw % s[p] != 0 || nw / s[p] >= Wo[p]) continue;
+                const acc_t* d = DYp[p] + ((b * Ho[p] + nh / s[p]) * Wo[p] + nw / s[p]) * C;
+                const acc_t* wp = WT + (p * 9 + 3 * i + j) * C;
+_Pragma("omp simd")
+                for (int64_t c = 0; c < C; ++c) acc[c] += wp[c] * d[c];
+              }
+            }
+          }
+          scalar_t* o = GX + ((b * H + h) * W + w) * C;
+_Pragma("omp simd")
+          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    });
+  });
+  return {gx, gw.permute({0, 2, 1}).contiguous(), gg, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ssl_fast_C, m) {
+  m.def("conv_qkv_projection_fwd(Tensor x, Tensor weight, Tensor gamma, Tensor beta, Tensor? running_mean, "
+        "Tensor? running_var, float[] eps, int stride_q, int stride_kv, bool use_batch_stats) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_qkv_projection_bwd(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor x, Tensor weight, "
+        "Tensor gamma, Tensor mean, Tensor invstd, Tensor y_q, Tensor y_k, Tensor y_v, int stride_q, "
+        "int stride_kv, bool use_batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ssl_fast_C, CPU, m) {
+  m.impl("conv_qkv_projection_fwd", &fwd_cpu);
+  m.impl("conv_qkv_projection_bwd", &bwd_cpu);
+}

@@ -1,0 +1,502 @@
+"""Triton kernels of CvT's convolutional q/k/v projection (depthwise 3x3 conv + BatchNorm2d).
+
+Layout: the token map is read as ``[B, H, W, C]`` through its strides (CvT's tokens
+``[B, H*W, C]`` are this layout already); outputs are tokens ``[B, Ho*Wo, C]``, contiguous.
+
+One program owns a tile of ``BLOCK_P`` *centre* pixels (flattened over ``B*H*W``) by
+``BLOCK_C`` channels. For each of the nine taps it loads the shifted input tile once and feeds
+it to all three projections: q where the centre lies on the q grid (``h % s_q == 0`` and
+``w % s_q == 0``), k and v where it lies on the k/v grid. The input therefore leaves DRAM once
+for the three convolutions (the nine shifted loads of a tile hit the cache).
+
+Forward, train mode (batch statistics), three launches:
+  1. conv: writes the raw conv outputs ``y`` (kept for the backward) and, per tile, the count,
+     sum and M2 (sum of squared deviations from the tile mean) of every projection and channel;
+  2. stats: merges the tile partials in a fixed order (Chan's parallel variance), giving mean,
+     1/sqrt(var + eps), the unbiased variance (for the running statistics) and the affine
+     scale/shift;
+  3. normalise: ``out = y * scale + shift``.
+Forward, eval mode: one launch, conv then ``acc * scale + shift`` with the running statistics.
+
+Backward (``g`` = output gradient, ``xhat = (y - mean) * invstd``, ``M`` values per channel):
+``dy = a*g + b*y + c`` with ``a = gamma*invstd`` and, in train mode, ``b = -a*invstd*dgamma/M``,
+``c = -a*dbeta/M - b*mean`` (``b = c = 0`` in eval mode).
+  1. train only: per-tile partials of ``dbeta = sum g`` and ``dgamma = sum g*xhat``, reduced;
+  2. one launch over centre tiles: ``dw_p[t] += dy_p(centre) * x(centre + tap t)`` as per-tile
+     partials, and ``dx(centre) = sum_p sum_t w_p[t] * dy_p(output whose tap t is this pixel)``
+     gathered (no atomics); in eval mode it also recomputes ``y`` for the dgamma partials;
+  3. the partials are summed over tiles in a fixed order (deterministic).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreter_runtime_bounds_fix():
+    """Let the Triton interpreter take runtime loop bounds (``range(0, N, BLOCK)``) under numpy >= 2.4.
+
+    The interpreter keeps a scalar kernel argument as a 1-element 1-D array and converts it with
+    ``int(array)``, which numpy 2.4 refuses; this re-patches ``__index__`` to read the element.
+    The same fix lives in ``kernels/attention.py`` (marked by ``_ssl_fast_fixed``, so it is applied
+    once whichever file is imported first); compiled GPU kernels are untouched.
+    """
+    from triton.runtime import interpreter as interp
+
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_ssl_fast_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ssl_fast_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _interpreter_runtime_bounds_fix()
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _blocks(C: int):
+    block_c = min(64, max(2, _next_pow2(C)))
+    block_p = 64
+    return block_p, block_c
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
+                     scale_ptr, shift_ptr, psum_ptr, pm2_ptr, pcnt_ptr,
+                     B, H, W, C, SQ, SKV, HQ, WQ, HK, WK,
+                     TRAIN: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    HW = H * W
+    mp = offs_p < B * HW
+    mc = offs_c < C
+    b = (offs_p // HW).to(tl.int64)
+    r = offs_p % HW
+    h = r // W
+    w = r % W
+    cq = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    ck = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    cv = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    c_off = offs_c.to(tl.int64) * sxc
+    for i in tl.static_range(3):
+        hh = h + (i - 1)
+        for j in tl.static_range(3):
+            ww = w + (j - 1)
+            m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
+            xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
+                         other=0.0).to(ACC)
+            wq = tl.load(w_ptr + offs_c * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
+            wk = tl.load(w_ptr + (C + offs_c) * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
+            wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
+            cq += xv * wq[None, :]
+            ck += xv * wk[None, :]
+            cv += xv * wv[None, :]
+    on_q = mp & (h % SQ == 0) & (w % SQ == 0)
+    on_kv = mp & (h % SKV == 0) & (w % SKV == 0)
+    oq = b * (HQ * WQ) + (h // SQ) * WQ + (w // SQ)
+    ok = b * (HK * WK) + (h // SKV) * WK + (w // SKV)
+    mq = on_q[:, None] & mc[None, :]
+    mkv = on_kv[:, None] & mc[None, :]
+    if TRAIN:
+        tl.store(yq_ptr + oq[:, None] * C + offs_c[None, :], cq.to(yq_ptr.dtype.element_ty), mask=mq)
+        tl.store(yk_ptr + ok[:, None] * C + offs_c[None, :], ck.to(yk_ptr.dtype.element_ty), mask=mkv)
+        tl.store(yv_ptr + ok[:, None] * C + offs_c[None, :], cv.to(yv_ptr.dtype.element_ty), mask=mkv)
+        nq = tl.sum(on_q.to(ACC), axis=0)
+        nkv = tl.sum(on_kv.to(ACC), axis=0)
+        sq = tl.sum(tl.where(mq, cq, 0.0), axis=0)
+        sk = tl.sum(tl.where(mkv, ck, 0.0), axis=0)
+        sv = tl.sum(tl.where(mkv, cv, 0.0), axis=0)
+        dq = tl.where(mq, cq - (sq / tl.maximum(nq, 1.0))[None, :], 0.0)
+        dk = tl.where(mkv, ck - (sk / tl.maximum(nkv, 1.0))[None, :], 0.0)
+        dv = tl.where(mkv, cv - (sv / tl.maximum(nkv, 1.0))[None, :], 0.0)
+        base = pid_p.to(tl.int64) * 3 * C
+        tl.store(psum_ptr + base + offs_c, sq, mask=mc)
+        tl.store(psum_ptr + base + C + offs_c, sk, mask=mc)
+        tl.store(psum_ptr + base + 2 * C + offs_c, sv, mask=mc)
+        tl.store(pm2_ptr + base + offs_c, tl.sum(dq * dq, axis=0), mask=mc)
+        tl.store(pm2_ptr + base + C + offs_c, tl.sum(dk * dk, axis=0), mask=mc)
+        tl.store(pm2_ptr + base + 2 * C + offs_c, tl.sum(dv * dv, axis=0), mask=mc)
+        if pid_c == 0:
+            tl.store(pcnt_ptr + pid_p * 3, nq)
+            tl.store(pcnt_ptr + pid_p * 3 + 1, nkv)
+            tl.store(pcnt_ptr + pid_p * 3 + 2, nkv)
+    else:
+        aq = tl.load(scale_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        ak = tl.load(scale_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
+        av = tl.load(scale_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
+        bq = tl.load(shift_ptr + offs_c, mask=mc, other=0.0).to(ACC)
+        bk = tl.load(shift_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
+        bv = tl.load(shift_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
+        tl.store(yq_ptr + oq[:, None] * C + offs_c[None, :],
+                 (cq * aq[None, :] + bq[None, :]).to(yq_ptr.dtype.element_ty), mask=mq)
+        tl.store(yk_ptr + ok[:, None] * C + offs_c[None, :],
+                 (ck * ak[None, :] + bk[None, :]).to(yk_ptr.dtype.element_ty), mask=mkv)
+        tl.store(yv_ptr + ok[:, None] * C + offs_c[None, :],
+                 (cv * av[None, :] + bv[None, :]).to(yv_ptr.dtype.element_ty), mask=mkv)
+
+
+@triton.jit
+def _stats_kernel(psum_ptr, pm2_ptr, pcnt_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, var_ptr,
+                  scale_ptr, shift_ptr, eps_ptr, NP, C,
+                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    p = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    tot = tl.zeros((BLOCK_C,), dtype=ACC)
+    n = tl.zeros((BLOCK_R,), dtype=ACC)
+    for r0 in range(0, NP, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mr = rows < NP
+        s = tl.load(psum_ptr + (rows[:, None].to(tl.int64) * 3 + p) * C + offs_c[None, :],
+                    mask=mr[:, None] & mc[None, :], other=0.0)
+        tot += tl.sum(s, axis=0)
+        n += tl.load(pcnt_ptr + rows * 3 + p, mask=mr, other=0.0)
+    n_tot = tl.sum(n, axis=0)
+    mean = tot / n_tot
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
+    for r0 in range(0, NP, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mr = rows < NP
+        m = mr[:, None] & mc[None, :]
+        off = (rows[:, None].to(tl.int64) * 3 + p) * C + offs_c[None, :]
+        s = tl.load(psum_ptr + off, mask=m, other=0.0)
+        q = tl.load(pm2_ptr + off, mask=m, other=0.0)
+        cnt = tl.load(pcnt_ptr + rows * 3 + p, mask=mr, other=0.0)
+        d = tl.where(cnt[:, None] > 0, s / tl.maximum(cnt, 1.0)[:, None] - mean[None, :], 0.0)
+        m2 += tl.sum(q + cnt[:, None] * d * d, axis=0)
+    eps = tl.load(eps_ptr + p)
+    var_b = m2 / n_tot
+    invstd = 1.0 / tl.sqrt(var_b + eps)
+    gamma = tl.load(gamma_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
+    beta = tl.load(beta_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
+    scale = gamma * invstd
+    tl.store(mean_ptr + p * C + offs_c, mean, mask=mc)
+    tl.store(invstd_ptr + p * C + offs_c, invstd, mask=mc)
+    tl.store(var_ptr + p * C + offs_c, m2 / tl.maximum(n_tot - 1.0, 1.0), mask=mc)
+    tl.store(scale_ptr + p * C + offs_c, scale, mask=mc)
+    tl.store(shift_ptr + p * C + offs_c, beta - mean * scale, mask=mc)
+
+
+@triton.jit
+def _normalise_kernel(yq_ptr, yk_ptr, yv_ptr, oq_ptr, ok_ptr, ov_ptr, scale_ptr, shift_ptr,
+                      NQ, NK, C, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+    for p in tl.static_range(3):
+        if p == 0:
+            y_ptr = yq_ptr
+            o_ptr = oq_ptr
+            n = NQ
+        elif p == 1:
+            y_ptr = yk_ptr
+            o_ptr = ok_ptr
+            n = NK
+        else:
+            y_ptr = yv_ptr
+            o_ptr = ov_ptr
+            n = NK
+        m = (rows < n)[:, None] & mc[None, :]
+        a = tl.load(scale_ptr + p * C + offs_c, mask=mc, other=0.0)
+        s = tl.load(shift_ptr + p * C + offs_c, mask=mc, other=0.0)
+        y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
+        tl.store(o_ptr + off, (y * a[None, :] + s[None, :]).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bn_grad_partials_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, mean_ptr, invstd_ptr,
+                             part_ptr, NQ, NK, C, ACC: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[tile, p, 0, c] = sum g; part[tile, p, 1, c] = sum g * (y - mean) * invstd."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+    for p in tl.static_range(3):
+        if p == 0:
+            g_ptr = gq_ptr
+            y_ptr = yq_ptr
+            n = NQ
+        elif p == 1:
+            g_ptr = gk_ptr
+            y_ptr = yk_ptr
+            n = NK
+        else:
+            g_ptr = gv_ptr
+            y_ptr = yv_ptr
+            n = NK
+        m = (rows < n)[:, None] & mc[None, :]
+        mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
+        istd = tl.load(invstd_ptr + p * C + offs_c, mask=mc, other=0.0)
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
+        y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
+        xhat = (y - mu[None, :]) * istd[None, :]
+        base = (pid.to(tl.int64) * 3 + p) * 2 * C
+        tl.store(part_ptr + base + offs_c, tl.sum(g, axis=0), mask=mc)
+        tl.store(part_ptr + base + C + offs_c, tl.sum(tl.where(m, g * xhat, 0.0), axis=0), mask=mc)
+
+
+@triton.jit
+def _dy_at(g_ptr, y_ptr, idx, m, offs_c, C, a, bb, cc, TRAIN: tl.constexpr, ACC: tl.constexpr):
+    off = idx[:, None] * C + offs_c[None, :]
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
+    dy = g * a[None, :]
+    if TRAIN:
+        y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
+        dy += y * bb[None, :] + cc[None, :]
+    return tl.where(m, dy, 0.0)
+
+
+@triton.jit
+def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr,
+                     coef_ptr, mean_ptr, invstd_ptr, gx_ptr, wpart_ptr, bnpart_ptr,
+                     B, H, W, C, SQ, SKV, HQ, WQ, HK, WK,
+                     TRAIN: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    HW = H * W
+    mp = offs_p < B * HW
+    mc = offs_c < C
+    b = (offs_p // HW).to(tl.int64)
+    r = offs_p % HW
+    h = r // W
+    w = r % W
+    # dy = a*g + b*y + c, coefficients [3, 3, C] (p, {a, b, c}, channel) prepared by the launcher
+    aq = tl.load(coef_ptr + offs_c, mask=mc, other=0.0)
+    bq = tl.load(coef_ptr + C + offs_c, mask=mc, other=0.0)
+    cq = tl.load(coef_ptr + 2 * C + offs_c, mask=mc, other=0.0)
+    ak = tl.load(coef_ptr + 3 * C + offs_c, mask=mc, other=0.0)
+    bk = tl.load(coef_ptr + 4 * C + offs_c, mask=mc, other=0.0)
+    ck = tl.load(coef_ptr + 5 * C + offs_c, mask=mc, other=0.0)
+    av = tl.load(coef_ptr + 6 * C + offs_c, mask=mc, other=0.0)
+    bv = tl.load(coef_ptr + 7 * C + offs_c, mask=mc, other=0.0)
+    cv = tl.load(coef_ptr + 8 * C + offs_c, mask=mc, other=0.0)
+    # dy of the outputs centred on this tile (for the weight gradient)
+    on_q = mp & (h % SQ == 0) & (w % SQ == 0)
+    on_kv = mp & (h % SKV == 0) & (w % SKV == 0)
+    oq = b * (HQ * WQ) + (h // SQ) * WQ + (w // SQ)
+    ok = b * (HK * WK) + (h // SKV) * WK + (w // SKV)
+    mq = on_q[:, None] & mc[None, :]
+    mkv = on_kv[:, None] & mc[None, :]
+    dyq = _dy_at(gq_ptr, yq_ptr, oq, mq, offs_c, C, aq, bq, cq, TRAIN, ACC)
+    dyk = _dy_at(gk_ptr, yk_ptr, ok, mkv, offs_c, C, ak, bk, ck, TRAIN, ACC)
+    dyv = _dy_at(gv_ptr, yv_ptr, ok, mkv, offs_c, C, av, bv, cv, TRAIN, ACC)
+    rq = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)  # eval mode: recomputed conv outputs
+    rk = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    rv = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    c_off = offs_c.to(tl.int64) * sxc
+    wbase = pid_p.to(tl.int64) * 27 * C
+    for i in tl.static_range(3):
+        for j in tl.static_range(3):
+            t = 3 * i + j
+            hh = h + (i - 1)
+            ww = w + (j - 1)
+            m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
+            xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
+                         other=0.0).to(ACC)
+            wq = tl.load(w_ptr + offs_c * 9 + t, mask=mc, other=0.0).to(ACC)
+            wk = tl.load(w_ptr + (C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+            wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+            tl.store(wpart_ptr + wbase + t * C + offs_c, tl.sum(dyq * xv, axis=0), mask=mc)
+            tl.store(wpart_ptr + wbase + (9 + t) * C + offs_c, tl.sum(dyk * xv, axis=0), mask=mc)
+            tl.store(wpart_ptr + wbase + (18 + t) * C + offs_c, tl.sum(dyv * xv, axis=0), mask=mc)
+            if not TRAIN:
+                rq += xv * wq[None, :]
+                rk += xv * wk[None, :]
+                rv += xv * wv[None, :]
+            # dx: this pixel is tap t of the output centred at (h + 1 - i, w + 1 - j)
+            nh = h + (1 - i)
+            nw = w + (1 - j)
+            nhc = tl.maximum(nh, 0)
+            nwc = tl.maximum(nw, 0)
+            ok_h = mp & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
+            gq_m = ok_h & (nhc % SQ == 0) & (nwc % SQ == 0)
+            gk_m = ok_h & (nhc % SKV == 0) & (nwc % SKV == 0)
+            iq = b * (HQ * WQ) + (nhc // SQ) * WQ + (nwc // SQ)
+            ik = b * (HK * WK) + (nhc // SKV) * WK + (nwc // SKV)
+            gx += wq[None, :] * _dy_at(gq_ptr, yq_ptr, iq, gq_m[:, None] & mc[None, :], offs_c, C,
+                                       aq, bq, cq, TRAIN, ACC)
+            gx += wk[None, :] * _dy_at(gk_ptr, yk_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
+                                       ak, bk, ck, TRAIN, ACC)
+            gx += wv[None, :] * _dy_at(gv_ptr, yv_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
+                                       av, bv, cv, TRAIN, ACC)
+    gx_off = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=mp[:, None] & mc[None, :])
+    if not TRAIN:
+        # eval mode: dbeta / dgamma partials from the recomputed conv outputs
+        base = pid_p.to(tl.int64) * 6 * C
+        for p in tl.static_range(3):
+            if p == 0:
+                g_ptr = gq_ptr
+                idx = oq
+                mm = mq
+                yr = rq
+            elif p == 1:
+                g_ptr = gk_ptr
+                idx = ok
+                mm = mkv
+                yr = rk
+            else:
+                g_ptr = gv_ptr
+                idx = ok
+                mm = mkv
+                yr = rv
+            mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
+            istd = tl.load(invstd_ptr + p * C + offs_c, mask=mc, other=0.0)
+            g = tl.load(g_ptr + idx[:, None] * C + offs_c[None, :], mask=mm, other=0.0).to(ACC)
+            xhat = (yr - mu[None, :]) * istd[None, :]
+            tl.store(bnpart_ptr + base + 2 * p * C + offs_c, tl.sum(g, axis=0), mask=mc)
+            tl.store(bnpart_ptr + base + (2 * p + 1) * C + offs_c,
+                     tl.sum(tl.where(mm, g * xhat, 0.0), axis=0), mask=mc)
+
+
+@triton.jit
+def _sum_rows_kernel(src_ptr, dst_ptr, R, K, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """dst[k] = sum_r src[r, k], rows added in a fixed order."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    acc = tl.zeros((BLOCK_K,), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(src_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :],
+                    mask=(rows < R)[:, None] & mk[None, :], other=0.0)
+        acc += tl.sum(v, axis=0)
+    tl.store(dst_ptr + offs_k, acc, mask=mk)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+def _acc(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _sum_rows(src: torch.Tensor) -> torch.Tensor:
+    R = src.shape[0]
+    K = src[0].numel()
+    dst = torch.empty(src.shape[1:], device=src.device, dtype=src.dtype)
+    BLOCK_K = 256
+    tl_acc = tl.float64 if src.dtype == torch.float64 else tl.float32
+    _sum_rows_kernel[(triton.cdiv(K, BLOCK_K),)](src, dst, R, K, ACC=tl_acc, BLOCK_R=16, BLOCK_K=BLOCK_K)
+    return dst
+
+
+def _out_len(n, s):
+    return (n - 1) // s + 1
+
+
+def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, stride_kv, use_batch_stats):
+    """Same contract as ``ssl_fast.reference.conv_projection.forward`` (x ``[B, H, W, C]``, any strides)."""
+    B, H, W, C = x.shape
+    tl_acc, acc = _acc(x.dtype)
+    HQ, WQ, HK, WK = _out_len(H, stride_q), _out_len(W, stride_q), _out_len(H, stride_kv), _out_len(W, stride_kv)
+    dev = x.device
+    w = weight.to(acc).contiguous()
+    g = gamma.to(acc).contiguous()
+    be = beta.to(acc).contiguous()
+    BLOCK_P, BLOCK_C = _blocks(C)
+    NP = triton.cdiv(B * H * W, BLOCK_P)
+    grid = (NP, triton.cdiv(C, BLOCK_C))
+    outs = [torch.empty((B, n, C), device=dev, dtype=x.dtype) for n in (HQ * WQ, HK * WK, HK * WK)]
+    sx = x.stride()
+    if use_batch_stats:
+        ys = [torch.empty_like(o) for o in outs]
+        psum = torch.empty((NP, 3, C), device=dev, dtype=acc)
+        pm2 = torch.empty((NP, 3, C), device=dev, dtype=acc)
+        pcnt = torch.empty((NP, 3), device=dev, dtype=acc)
+        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, ys[0], ys[1], ys[2], g, be, psum, pm2, pcnt,
+                               B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
+                               TRAIN=True, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        mean, invstd, var, scale, shift = (torch.empty((3, C), device=dev, dtype=acc) for _ in range(5))
+        eps_t = torch.tensor([float(e) for e in eps], dtype=acc).to(dev, non_blocking=True)
+        _stats_kernel[(3, triton.cdiv(C, BLOCK_C))](psum, pm2, pcnt, g, be, mean, invstd, var, scale, shift,
+                                                    eps_t, NP, C,
+                                                    ACC=tl_acc, BLOCK_R=16, BLOCK_C=BLOCK_C)
+        NQ, NK = B * HQ * WQ, B * HK * WK
+        _normalise_kernel[(triton.cdiv(max(NQ, NK), BLOCK_P), triton.cdiv(C, BLOCK_C))](
+            ys[0], ys[1], ys[2], outs[0], outs[1], outs[2], scale, shift, NQ, NK, C,
+            ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    else:
+        ys = [x.new_empty(0) for _ in range(3)]
+        mean = running_mean.to(acc).clone()
+        var = running_var.to(acc).clone()
+        eps_t = torch.tensor(list(eps), dtype=acc).to(dev, non_blocking=True)[:, None]
+        invstd = torch.rsqrt(var + eps_t)
+        scale = g * invstd
+        shift = be - mean * scale
+        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, outs[0], outs[1], outs[2], scale, shift,
+                               scale, scale, scale, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
+                               TRAIN=False, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    return (*outs, *ys, mean, invstd, var)
+
+
+def backward(grad_q, grad_k, grad_v, x, weight, gamma, mean, invstd, y_q, y_k, y_v, stride_q, stride_kv,
+             use_batch_stats):
+    """Same contract as ``ssl_fast.reference.conv_projection.backward``."""
+    B, H, W, C = x.shape
+    tl_acc, acc = _acc(x.dtype)
+    HQ, WQ, HK, WK = _out_len(H, stride_q), _out_len(W, stride_q), _out_len(H, stride_kv), _out_len(W, stride_kv)
+    NQ, NK = B * HQ * WQ, B * HK * WK
+    dev = x.device
+    w = weight.to(acc).contiguous()
+    ga = gamma.to(acc).contiguous()
+    mu = mean.to(acc).contiguous()
+    istd = invstd.to(acc).contiguous()
+    gs = [g.contiguous() for g in (grad_q, grad_k, grad_v)]
+    BLOCK_P, BLOCK_C = _blocks(C)
+    NP = triton.cdiv(B * H * W, BLOCK_P)
+    grid = (NP, triton.cdiv(C, BLOCK_C))
+    a = ga * istd
+    if use_batch_stats:
+        ys = [y.contiguous() for y in (y_q, y_k, y_v)]
+        NB = triton.cdiv(max(NQ, NK), BLOCK_P)
+        part = torch.empty((NB, 3, 2, C), device=dev, dtype=acc)
+        _bn_grad_partials_kernel[(NB, triton.cdiv(C, BLOCK_C))](
+            gs[0], gs[1], gs[2], ys[0], ys[1], ys[2], mu, istd, part, NQ, NK, C,
+            ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+        bn = _sum_rows(part)  # [3, 2, C]
+        dbeta, dgamma = bn[:, 0], bn[:, 1]
+        n = torch.tensor([NQ, NK, NK], dtype=acc).to(dev, non_blocking=True)[:, None]
+        cb = -a * istd * dgamma / n
+        cc = -a * dbeta / n - cb * mu
+        bnpart = part  # unused by the kernel in train mode
+    else:
+        ys = gs  # not read in eval mode
+        cb = torch.zeros_like(a)
+        cc = torch.zeros_like(a)
+        bnpart = torch.empty((NP, 3, 2, C), device=dev, dtype=acc)
+    coef = torch.stack([a, cb, cc], dim=1).contiguous()  # [3, 3, C]
+    gx = torch.empty((B, H, W, C), device=dev, dtype=x.dtype)
+    wpart = torch.empty((NP, 3, 9, C), device=dev, dtype=acc)
+    sx = x.stride()
+    _conv_bwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, gs[0], gs[1], gs[2], ys[0], ys[1], ys[2],
+                           coef, mu, istd, gx, wpart, bnpart, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
+                           TRAIN=use_batch_stats, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    gw = _sum_rows(wpart).transpose(1, 2).contiguous()  # [3, C, 9]
+    if not use_batch_stats:
+        bn = _sum_rows(bnpart)
+        dbeta, dgamma = bn[:, 0], bn[:, 1]
+    return gx, gw, dgamma.contiguous(), dbeta.contiguous()
