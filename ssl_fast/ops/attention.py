@@ -152,7 +152,6 @@ def _reasons(backend: str, device: torch.device, q=None, v=None, rel_pos=None, a
     if backend == "cpp":
         return cpp_reasons("attention_fwd", device)
     why = list(triton_reasons(device))
-    why.append("the Triton attention kernel is not in this build yet")
     if q is not None:
         if q.dtype == torch.float64:
             why.append("float64 is not supported by the Triton kernel")
@@ -163,7 +162,103 @@ def _reasons(backend: str, device: torch.device, q=None, v=None, rel_pos=None, a
     if attn_mask is not None and attn_mask.requires_grad:
         why.append("attn_mask requires grad: the kernel gives no gradient to a dense mask "
                    "(pass a relative-position table as rel_pos=RelPosTable(...) instead)")
+    if (isinstance(rel_pos, RelPosTable) and rel_pos.window_mask is not None
+            and rel_pos.window_mask.requires_grad):
+        why.append("rel_pos.window_mask requires grad: the kernel gives no gradient to the window mask")
     return why
+
+
+_NO_SIZES = [0, 0, 0, 0, 0, 0]
+
+
+def _sizes(rel_pos) -> List[int]:
+    """``[Wh, Ww, qh, qw, kh, kw]`` for the custom op (zeros where a kind does not use them)."""
+    if isinstance(rel_pos, RelPosTable):
+        return [int(rel_pos.window_size[0]), int(rel_pos.window_size[1]), 0, 0, 0, 0]
+    if isinstance(rel_pos, DecomposedRelPos):
+        return [0, 0, int(rel_pos.q_size[0]), int(rel_pos.q_size[1]),
+                int(rel_pos.k_size[0]), int(rel_pos.k_size[1])]
+    return list(_NO_SIZES)
+
+
+def _kernel_kwargs(table, window_mask, rel_h, rel_w, attn_mask, sizes) -> dict:
+    kw = dict(attn_mask=attn_mask)
+    if table is not None:
+        kw.update(table=table, window_size=(sizes[0], sizes[1]), window_mask=window_mask)
+    if rel_h is not None:
+        kw.update(rel_h=rel_h, rel_w=rel_w, q_size=(sizes[2], sizes[3]), k_size=(sizes[4], sizes[5]))
+    return kw
+
+
+@torch.library.custom_op("ssl_fast::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: Optional[torch.Tensor],
+                   window_mask: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
+                   rel_w: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor], scale: float,
+                   sizes: List[int], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out [B, H, Nq, Dv], lse [B, H, Nq] fp32)``; ``sizes = [Wh, Ww, qh, qw, kh, kw]``."""
+    if backend != "triton":
+        raise ValueError(f"ssl_fast::attention_fwd serves the 'triton' backend only, got {backend!r}")
+    from ssl_fast.kernels import attention as kernel
+
+    return kernel.attention_forward(q, k, v, scale,
+                                    **_kernel_kwargs(table, window_mask, rel_h, rel_w, attn_mask, sizes))
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, table, window_mask, rel_h, rel_w, attn_mask, scale, sizes, backend):
+    b, h, nq, _ = q.shape
+    return q.new_empty((b, h, nq, v.shape[-1])), q.new_empty((b, h, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("ssl_fast::attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, table: Optional[torch.Tensor],
+                   window_mask: Optional[torch.Tensor], rel_h: Optional[torch.Tensor],
+                   rel_w: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor], scale: float,
+                   sizes: List[int], backend: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor]:
+    """Fused backward: ``(dq, dk, dv, dtable, drel_h, drel_w)``; absent tables get empty gradients."""
+    if backend != "triton":
+        raise ValueError(f"ssl_fast::attention_bwd serves the 'triton' backend only, got {backend!r}")
+    from ssl_fast.kernels import attention as kernel
+
+    dq, dk, dv, dtable, drel_h, drel_w = kernel.attention_backward(
+        dout, q, k, v, out, lse, scale,
+        **_kernel_kwargs(table, window_mask, rel_h, rel_w, attn_mask, sizes))
+    def given(t):  # a fresh empty tensor per absent gradient (outputs must not alias)
+        return q.new_empty((0,)) if t is None else t
+    return dq, dk, dv, given(dtable), given(drel_h), given(drel_w)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, table, window_mask, rel_h, rel_w, attn_mask, scale,
+                        sizes, backend):
+    def like(t):
+        return q.new_empty((0,)) if t is None else torch.empty_like(t)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(table), like(rel_h),
+            like(rel_w))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, table, window_mask, rel_h, rel_w, attn_mask, scale, sizes, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, window_mask, rel_h, rel_w, attn_mask)
+    ctx.scale, ctx.sizes, ctx.backend = scale, list(sizes), backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, table, window_mask, rel_h, rel_w, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dtable, drel_h, drel_w = torch.ops.ssl_fast.attention_bwd(
+        dout, q, k, v, out, lse, table, window_mask, rel_h, rel_w, attn_mask, ctx.scale, ctx.sizes,
+        ctx.backend)
+    return (dq, dk, dv, dtable if table is not None else None, None,
+            drel_h if rel_h is not None else None, drel_w if rel_w is not None else None,
+            None, None, None, None)
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
@@ -192,6 +287,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     name = _backend.resolve(
         "attention", q.device,
         lambda b: _reasons(b, q.device, q, v, rel_pos, attn_mask, dropout_p), backend)
+    if name == "triton":
+        table = window_mask = rel_h = rel_w = None
+        if isinstance(rel_pos, RelPosTable):
+            table, window_mask = rel_pos.table, rel_pos.window_mask
+        elif isinstance(rel_pos, DecomposedRelPos):
+            rel_h, rel_w = rel_pos.rel_h, rel_pos.rel_w
+        out, _ = torch.ops.ssl_fast.attention_fwd(q, k, v, table, window_mask, rel_h, rel_w, attn_mask,
+                                                  float(scale), _sizes(rel_pos), name)
+        return out
     kw = _unpack(rel_pos)
     return reference.attention(q, k, v, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, **kw)
 
