@@ -1,0 +1,568 @@
+"""Drop-in attention modules against plain re-statements of the modules they replace.
+
+torch's own ``nn.MultiheadAttention`` is the truth for :class:`ssl_fast.nn.MultiheadAttention`.
+timm is not installed here, so its Swin ``WindowAttention``, SAM ``Attention`` and
+``BottleneckAttn`` are re-stated below with timm's parameter names and the eager (materialised
+bias) math; the BoTNet relative logits use the pad-and-reshape relative-to-absolute trick, an
+indexing route independent of the op's.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import rel_error
+from ssl_fast.nn import BoTAttention, MultiheadAttention, RelPosAttention, WindowAttention
+
+
+# ------------------------------------------------------------------------------------------
+# re-statements (eager math, timm names)
+# ------------------------------------------------------------------------------------------
+def swin_index(wh, ww):
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+class EagerWindowAttention(nn.Module):
+    def __init__(self, dim, num_heads, head_dim=None, window_size=7, qkv_bias=True, attn_drop=0.0,
+                 proj_drop=0.0):
+        super().__init__()
+        self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.num_heads = num_heads
+        head_dim = head_dim or dim // num_heads
+        self.scale = head_dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads) * 0.5)
+        self.register_buffer("relative_position_index", swin_index(*self.window_size), persistent=False)
+        self.qkv = nn.Linear(dim, 3 * head_dim * num_heads, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(head_dim * num_heads, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x, mask=None):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        attn = attn + bias.reshape(n, n, -1).permute(2, 0, 1)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.reshape(-1, nw, self.num_heads, n, n) + mask[None, :, None]).reshape(-1, self.num_heads, n, n)
+        attn = self.attn_drop(self.softmax(attn))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
+
+
+def sam_rel_pos(q_size, k_size, table):
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length,
+                              mode="linear").reshape(-1, length).permute(1, 0)
+    qc = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    kc = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return table[((qc - kc) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+class EagerSamAttention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0,
+                 norm_layer=nn.LayerNorm, use_rel_pos=False, input_size=None, rope=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.randn(2 * input_size[0] - 1, self.head_dim) * 0.3)
+            self.rel_pos_w = nn.Parameter(torch.randn(2 * input_size[1] - 1, self.head_dim) * 0.3)
+        self.rope = rope
+
+    def forward(self, x):
+        b, h, w, _ = x.shape
+        n = h * w
+        qkv = self.qkv(x.reshape(b, n, -1)).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            rh, rw = sam_rel_pos(h, h, self.rel_pos_h), sam_rel_pos(w, w, self.rel_pos_w)
+            r_q = q.reshape(-1, h, w, q.shape[-1])
+            term_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+            term_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+            attn = attn + (term_h[..., :, None] + term_w[..., None, :]).reshape(-1, n, n)
+        attn = self.attn_drop(attn.softmax(-1))
+        out = (attn @ v).reshape(b, self.num_heads, n, -1).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(out)).reshape(b, h, w, -1)
+
+
+def rel_to_abs_1d(q, table):
+    """BoTNet relative logits along the last grid axis: ``out[..., x, x'] = q[..., x, :] . table[x' - x + W - 1]``
+    via the pad / flatten / reshape shift (not by indexing)."""
+    b, rows, w, d = q.shape
+    x = (q @ table.t()).reshape(-1, w, 2 * w - 1)
+    x = F.pad(F.pad(x, [0, 1]).flatten(1), [0, w - 1]).reshape(-1, w + 1, 2 * w - 1)
+    return x[:, :w, w - 1:].reshape(b, rows, w, w)
+
+
+class EagerBottleneckAttn(nn.Module):
+    def __init__(self, dim, dim_out, feat_size, num_heads=4, pos_embed="rel", scale_pos_embed=False):
+        super().__init__()
+        self.h, self.w = feat_size
+        self.num_heads = num_heads
+        self.dh = dim_out // num_heads
+        self.dim_out = dim_out
+        self.scale = self.dh ** -0.5
+        self.scale_pos_embed = scale_pos_embed
+        self.kind = pos_embed
+        self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=False)
+        self.pos_embed = nn.Module()
+        if pos_embed == "rel":
+            self.pos_embed.height_rel = nn.Parameter(torch.randn(2 * self.h - 1, self.dh) * 0.3)
+            self.pos_embed.width_rel = nn.Parameter(torch.randn(2 * self.w - 1, self.dh) * 0.3)
+        else:
+            self.pos_embed.height = nn.Parameter(torch.randn(self.h, self.dh) * 0.3)
+            self.pos_embed.width = nn.Parameter(torch.randn(self.w, self.dh) * 0.3)
+
+    def pos_logits(self, q):  # q [B', N, d]
+        bb, n, d = q.shape
+        g = q.reshape(bb, self.h, self.w, d)
+        if self.kind == "abs":
+            emb = (self.pos_embed.height[:, None] + self.pos_embed.width[None]).reshape(n, d)
+            return q @ emb.t()
+        lw = rel_to_abs_1d(g, self.pos_embed.width_rel)  # [B', h, w, w']
+        lw = lw[:, :, :, None, :].expand(-1, -1, -1, self.h, -1)  # [B', y, x, y', x']
+        lh = rel_to_abs_1d(g.transpose(1, 2), self.pos_embed.height_rel)  # [B', x, y, y']
+        lh = lh.permute(0, 2, 1, 3)[..., None].expand(-1, -1, -1, -1, self.w)  # [B', y, x, y', x']
+        return (lh + lw).reshape(bb, n, n)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q, k, v = torch.split(self.qkv(x), [self.dim_out] * 3, dim=1)
+        q = q.reshape(b * self.num_heads, self.dh, -1).transpose(-1, -2)
+        k = k.reshape(b * self.num_heads, self.dh, -1)
+        v = v.reshape(b * self.num_heads, self.dh, -1).transpose(-1, -2)
+        if self.scale_pos_embed:
+            attn = (q @ k + self.pos_logits(q)) * self.scale
+        else:
+            attn = (q @ k) * self.scale + self.pos_logits(q)
+        out = attn.softmax(-1) @ v
+        return out.transpose(-1, -2).reshape(b, self.dim_out, self.h, self.w)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def assert_close(a, b, tol=1e-5, what="output"):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = rel_error(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def check_grads(mine, ref, inputs_mine, inputs_ref, tol=1e-5):
+    """Compare gradients of every parameter (by name) and of every input."""
+    for name, p in ref.named_parameters():
+        q = dict(mine.named_parameters())[name]
+        assert p.grad is not None and q.grad is not None, f"no gradient for {name}"
+        if p.grad.norm() < 1e-12:  # mathematically zero (e.g. k_norm.bias: softmax shift invariance)
+            assert q.grad.norm() < 1e-12, f"grad {name}: {q.grad.norm():.3g} where torch has ~0"
+            continue
+        assert_close(q.grad, p.grad, tol, what=f"grad {name}")
+    for i, (a, b) in enumerate(zip(inputs_mine, inputs_ref)):
+        if b.requires_grad:
+            assert_close(a.grad, b.grad, tol, what=f"grad input {i}")
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def both_ways(mine, ref):
+    """state dicts load both ways, strictly; returns (mine, ref) holding ref's weights."""
+    ref.load_state_dict(copy.deepcopy(mine.state_dict()))  # mine -> ref
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    for p in mine.parameters():
+        torch.nn.init.normal_(p)  # make the second load observable
+    mine.load_state_dict(sd)  # ref -> mine
+    for k, v in ref.state_dict().items():
+        assert torch.equal(mine.state_dict()[k], v), k
+    assert set(mine.state_dict()) == set(ref.state_dict())
+    return mine, ref
+
+
+# ------------------------------------------------------------------------------------------
+# MultiheadAttention
+# ------------------------------------------------------------------------------------------
+MHA_CONFIGS = [
+    dict(),
+    dict(batch_first=True),
+    dict(bias=False),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True, batch_first=True),
+    dict(add_bias_kv=True, add_zero_attn=True),
+    dict(kdim=6, vdim=10),
+    dict(kdim=6, vdim=10, batch_first=True, bias=False),
+]
+
+
+def mha_pair(embed=8, heads=2, **kw):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(embed, heads, **kw).double()
+    mine = MultiheadAttention(embed, heads, **kw).double()
+    with torch.no_grad():  # non-trivial biases
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return both_ways(mine, ref)
+
+
+def mha_inputs(n, l, s, kw, cross):
+    e = 8
+    q = torch.randn(n, l, e, dtype=torch.float64)
+    if cross or "kdim" in kw:
+        k = torch.randn(n, s, kw.get("kdim", e), dtype=torch.float64)
+        v = torch.randn(n, s, kw.get("vdim", e), dtype=torch.float64)
+    else:
+        k = v = q
+    if not kw.get("batch_first", False):
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    return q, k, v
+
+
+def make_masks(kind, n, heads, l, s, gen):
+    """(key_padding_mask, attn_mask) in torch's convention; every query keeps at least key 0."""
+    kpm = am = None
+    if kind in ("kpm_bool", "both_bool", "mixed"):
+        kpm = torch.rand(n, s, generator=gen) < 0.4
+        kpm[:, 0] = False
+    if kind in ("am2_bool", "both_bool"):
+        am = torch.rand(l, s, generator=gen) < 0.4
+        am[:, 0] = False
+    if kind == "am3_bool":
+        am = torch.rand(n * heads, l, s, generator=gen) < 0.4
+        am[..., 0] = False
+    if kind in ("am2_float", "mixed"):
+        am = torch.randn(l, s, generator=gen, dtype=torch.float64)
+    if kind == "am3_float":
+        am = torch.randn(n * heads, l, s, generator=gen, dtype=torch.float64)
+    if kind == "kpm_float":
+        kpm = torch.randn(n, s, generator=gen, dtype=torch.float64)
+    return kpm, am
+
+
+MASK_KINDS = ["none", "kpm_bool", "am2_bool", "am3_bool", "both_bool", "am2_float", "am3_float",
+              "kpm_float", "mixed"]
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("kw", MHA_CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_mha_matches_torch(kw, cross):
+    mine, ref = mha_pair(**kw)
+    gen = torch.Generator().manual_seed(1)
+    n, l, s = 3, 5, (7 if cross else 5)
+    for kind in MASK_KINDS:
+        for need_weights, average in [(True, True), (True, False), (False, True)]:
+            q, k, v = mha_inputs(n, l, s, kw, cross)
+            kpm, am = make_masks(kind, n, 2, l, k.shape[0 if not kw.get("batch_first") else 1], gen)
+            args_ref = [leaf(q)] + ([leaf(k), leaf(v)] if k is not q else [])
+            args_mine = [leaf(q)] + ([leaf(k), leaf(v)] if k is not q else [])
+            qkv_ref = args_ref if len(args_ref) == 3 else args_ref * 3
+            qkv_mine = args_mine if len(args_mine) == 3 else args_mine * 3
+            ref.zero_grad()
+            mine.zero_grad()
+            o_ref, w_ref = ref(*qkv_ref, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights,
+                               average_attn_weights=average)
+            o_mine, w_mine = mine(*qkv_mine, key_padding_mask=kpm, attn_mask=am,
+                                  need_weights=need_weights, average_attn_weights=average)
+            what = f"{kind} need_weights={need_weights} average={average}"
+            assert_close(o_mine, o_ref, what="output " + what)
+            if need_weights:
+                assert_close(w_mine, w_ref, what="weights " + what)
+                loss_ref = (o_ref * torch.cos(o_ref)).sum() + (w_ref ** 2).sum()
+                loss_mine = (o_mine * torch.cos(o_mine)).sum() + (w_mine ** 2).sum()
+            else:
+                assert w_mine is None
+                loss_ref, loss_mine = (o_ref * torch.cos(o_ref)).sum(), (o_mine * torch.cos(o_mine)).sum()
+            loss_ref.backward()
+            loss_mine.backward()
+            check_grads(mine, ref, args_mine, args_ref)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_unbatched(batch_first):
+    mine, ref = mha_pair(batch_first=batch_first, add_bias_kv=True)
+    torch.manual_seed(3)
+    q = torch.randn(5, 8, dtype=torch.float64)
+    k = torch.randn(6, 8, dtype=torch.float64)
+    kpm = torch.tensor([False, True, False, False, True, False])
+    am = torch.rand(2, 5, 6) < 0.3
+    am[..., 0] = False
+    for need_weights, average in [(True, True), (True, False), (False, True)]:
+        o_ref, w_ref = ref(q, k, k, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights,
+                           average_attn_weights=average)
+        o_mine, w_mine = mine(q, k, k, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights,
+                              average_attn_weights=average)
+        assert_close(o_mine, o_ref)
+        if need_weights:
+            assert_close(w_mine, w_ref, what="weights")
+    probs = mine.attention_map(q, k, key_padding_mask=kpm, attn_mask=am, query_index=[0, 3])
+    w_ref = ref(q, k, k, key_padding_mask=kpm, attn_mask=am, average_attn_weights=False)[1]
+    assert_close(probs.double(), w_ref[:, [0, 3]], tol=1e-6, what="attention_map")
+
+
+def test_mha_is_causal():
+    mine, ref = mha_pair(batch_first=True)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    for need_weights in (False, True):
+        o_ref, _ = ref(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
+        o_mine, _ = mine(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
+        assert_close(o_mine, o_ref)
+    # without a mask the causal hint must change the answer: compare to the unmasked output
+    assert rel_error(o_mine, mine(x, x, x, need_weights=False)[0]) > 1e-3
+    with pytest.raises(ValueError, match="is_causal"):
+        mine(x, x, x, is_causal=True)
+
+
+def test_mha_dropout_weights_consistent():
+    """In training with dropout, the returned weights are the ones the output was computed with."""
+    torch.manual_seed(0)
+    mine = MultiheadAttention(8, 2, dropout=0.5, batch_first=True).double().train()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    out, w = mine(x, x, x, average_attn_weights=False)
+    assert (w == 0).any(), "dropout should zero some weights in training"
+    v = F.linear(x, mine.in_proj_weight.chunk(3)[2], mine.in_proj_bias.chunk(3)[2])
+    v = v.reshape(2, 5, 2, 4).transpose(1, 2)
+    expect = mine.out_proj((w @ v).transpose(1, 2).reshape(2, 5, 8))
+    assert_close(out, expect, tol=1e-10)
+    mine.eval()
+    out_eval, w_eval = mine(x, x, x)
+    assert torch.allclose(w_eval.sum(-1), torch.ones(2, 5, dtype=torch.float64))
+
+
+def test_mha_float32_and_bad_input():
+    mine, ref = mha_pair(batch_first=True)
+    mine, ref = mine.float(), ref.float()
+    x = torch.randn(2, 4, 8)
+    assert_close(mine(x, x, x)[0], ref(x, x, x)[0], tol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        mine(x, x, x, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        mine(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-D .* or 3-D"):
+        mine(x[0, 0], x[0, 0], x[0, 0])
+    with pytest.raises(ValueError, match="divisible"):
+        MultiheadAttention(10, 3)
+
+
+def test_mha_state_dict_and_attributes():
+    ref = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, add_bias_kv=True)
+    mine = MultiheadAttention(8, 2, kdim=4, vdim=6, add_bias_kv=True)
+    assert [n for n, _ in mine.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert mine.in_proj_weight is None and mine.q_proj_weight.shape == ref.q_proj_weight.shape
+    assert type(mine.out_proj) is type(ref.out_proj)
+    for attr in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout",
+                 "batch_first", "head_dim", "add_zero_attn"):
+        assert getattr(mine, attr) == getattr(ref, attr), attr
+    ref.load_state_dict(mine.state_dict())
+    mine.load_state_dict(ref.state_dict())
+
+
+def test_mha_merge_masks_matches_torch():
+    mine, ref = mha_pair(batch_first=True)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    kpm = torch.zeros(3, 5, dtype=torch.float64).masked_fill_(torch.rand(3, 5) < 0.3, float("-inf"))
+    am = torch.randn(5, 5, dtype=torch.float64)
+    for a, k in [(None, None), (None, kpm), (am, None), (am, kpm), (am.expand(6, 5, 5), kpm)]:
+        m1, t1 = ref.merge_masks(a, k, x)
+        m2, t2 = mine.merge_masks(a, k, x)
+        assert t1 == t2 and ((m1 is None and m2 is None) or torch.equal(m1, m2))
+
+
+def test_mha_fully_masked_query_is_zero():
+    mine, _ = mha_pair(batch_first=True)
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    am = torch.zeros(3, 3, dtype=torch.bool)
+    am[1] = True  # query 1 may attend to nothing
+    out, w = mine(x, x, x, attn_mask=am)
+    assert torch.isfinite(out).all() and torch.equal(w[0, 1], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_mha_nested_input_matches_padded():
+    mine, _ = mha_pair(batch_first=True)
+    mine.eval()
+    seqs = [torch.randn(4, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)]
+    nt = torch.nested.as_nested_tensor(seqs)
+    out, w = mine(nt, nt, nt, need_weights=False)
+    assert out.is_nested and w is None
+    for s, o in zip(seqs, out.unbind()):
+        assert_close(o, mine(s[None], s[None], s[None], need_weights=False)[0][0])
+
+
+# ------------------------------------------------------------------------------------------
+# WindowAttention (Swin)
+# ------------------------------------------------------------------------------------------
+def swin_mask(n_windows, wh, ww, gen):
+    m = torch.zeros(n_windows, wh * ww, wh * ww, dtype=torch.float64)
+    m.masked_fill_(torch.rand(m.shape, generator=gen) < 0.3, -100.0)
+    return m
+
+
+@pytest.mark.parametrize("window,head_dim,with_mask", [
+    ((3, 3), None, False), ((3, 3), None, True), ((2, 4), 5, True), (4, None, True)])
+def test_window_attention_matches_eager(window, head_dim, with_mask):
+    torch.manual_seed(0)
+    ref = EagerWindowAttention(12, 3, head_dim=head_dim, window_size=window).double()
+    mine = WindowAttention(12, 3, head_dim=head_dim, window_size=window).double()
+    mine, ref = both_ways(mine, ref)
+    assert torch.equal(mine.relative_position_index, ref.relative_position_index)
+    assert "relative_position_index" not in mine.state_dict()
+    wh, ww = mine.window_size
+    gen = torch.Generator().manual_seed(2)
+    mask = swin_mask(2, wh, ww, gen) if with_mask else None
+    x = torch.randn(4, wh * ww, 12, dtype=torch.float64)
+    xa, xb = leaf(x), leaf(x)
+    o_ref, o_mine = ref(xb, mask), mine(xa, mask)
+    assert_close(o_mine, o_ref)
+    (o_ref * o_ref.sin()).sum().backward()
+    (o_mine * o_mine.sin()).sum().backward()
+    check_grads(mine, ref, [xa], [xb])
+    probs = mine.attention_map(x, mask, query_index=[1])
+    assert probs.shape == (4, 3, 1, wh * ww)
+    assert torch.allclose(probs.sum(-1), torch.ones(4, 3, 1))
+
+
+def test_window_attention_bad_input():
+    m = WindowAttention(8, 2, window_size=3)
+    with pytest.raises(ValueError, match="tokens per window"):
+        m(torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match="window_size"):
+        WindowAttention(8, 2, window_size=(3, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# RelPosAttention (SAM / ViTDet)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg,grid", [
+    (dict(use_rel_pos=True, input_size=(4, 3)), (4, 3)),
+    (dict(use_rel_pos=True, input_size=(4, 3), qk_norm=True), (4, 3)),
+    (dict(use_rel_pos=True, input_size=(5, 5)), (3, 4)),   # tables interpolated on the fly
+    (dict(use_rel_pos=False), (3, 3)),
+])
+def test_rel_pos_attention_matches_eager(cfg, grid):
+    torch.manual_seed(0)
+    ref = EagerSamAttention(16, 2, **cfg).double()
+    mine = RelPosAttention(16, 2, **cfg).double()
+    mine, ref = both_ways(mine, ref)
+    if cfg.get("qk_norm"):
+        with torch.no_grad():
+            for p in ref.q_norm.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, *grid, 16, dtype=torch.float64)
+    xa, xb = leaf(x), leaf(x)
+    o_ref, o_mine = ref(xb), mine(xa)
+    assert_close(o_mine, o_ref)
+    (o_ref * o_ref.cos()).sum().backward()
+    (o_mine * o_mine.cos()).sum().backward()
+    check_grads(mine, ref, [xa], [xb])
+    probs = mine.attention_map(x, query_index=0)
+    assert probs.shape == (2, 2, 1, grid[0] * grid[1])
+
+
+def test_rel_pos_attention_loads_other_table_size():
+    torch.manual_seed(0)
+    src = EagerSamAttention(16, 2, use_rel_pos=True, input_size=(6, 6)).double()
+    mine = RelPosAttention(16, 2, use_rel_pos=True, input_size=(4, 4)).double()
+    mine.load_state_dict(src.state_dict())
+    assert mine.rel_pos_h.shape == (7, 8)
+    expect = sam_rel_pos(1, 4, src.rel_pos_h)  # the resized table, read through SAM's indexing
+    assert_close(mine.rel_pos_h[expect.shape[1] - 1 - torch.arange(4)], expect[0], tol=1e-12)
+    # and the loaded module behaves as SAM does with the big table on a 4x4 grid
+    x = torch.randn(1, 4, 4, 16, dtype=torch.float64)
+    assert_close(mine(x), src(x))
+
+
+def test_rel_pos_attention_rejects():
+    with pytest.raises(ValueError, match="rope"):
+        RelPosAttention(16, 2, rope=nn.Identity())
+    with pytest.raises(ValueError, match="input_size"):
+        RelPosAttention(16, 2, use_rel_pos=True)
+    with pytest.raises(ValueError, match="divisible"):
+        RelPosAttention(15, 2)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        RelPosAttention(16, 2)(torch.randn(2, 9, 16))
+
+
+# ------------------------------------------------------------------------------------------
+# BoTAttention
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos_embed", ["rel", "abs"])
+@pytest.mark.parametrize("scale_pos_embed", [False, True])
+@pytest.mark.parametrize("feat", [(3, 4), (4, 4)])
+def test_bot_attention_matches_eager(pos_embed, scale_pos_embed, feat):
+    torch.manual_seed(0)
+    ref = EagerBottleneckAttn(6, 8, feat, num_heads=2, pos_embed=pos_embed,
+                              scale_pos_embed=scale_pos_embed).double()
+    mine = BoTAttention(6, 8, feat, num_heads=2, pos_embed=pos_embed,
+                        scale_pos_embed=scale_pos_embed).double()
+    mine, ref = both_ways(mine, ref)
+    x = torch.randn(2, 6, *feat, dtype=torch.float64)
+    xa, xb = leaf(x), leaf(x)
+    o_ref, o_mine = ref(xb), mine(xa)
+    assert o_mine.shape == (2, 8, *feat)
+    assert_close(o_mine, o_ref)
+    (o_ref * o_ref.cos()).sum().backward()
+    (o_mine * o_mine.cos()).sum().backward()
+    check_grads(mine, ref, [xa], [xb])
+    probs = mine.attention_map(x, query_index=slice(0, 2))
+    assert probs.shape == (2, 2, 2, feat[0] * feat[1])
+
+
+def test_bot_attention_rejects():
+    with pytest.raises(ValueError, match="pos_embed"):
+        BoTAttention(4, 8, (3, 3), pos_embed="sin")
+    with pytest.raises(ValueError, match="feat_size"):
+        BoTAttention(4, 8)
+    with pytest.raises(ValueError, match="feat_size"):
+        BoTAttention(4, 8, (3, 3), num_heads=2)(torch.randn(1, 4, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------
+# low precision: every module against its re-statement in the same dtype (DESIGN's 2x rule)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modules_low_precision(dtype):
+    torch.manual_seed(0)
+    cases = []
+    ref, mine = EagerWindowAttention(12, 3, window_size=3), WindowAttention(12, 3, window_size=3)
+    mine.load_state_dict(ref.state_dict())
+    cases.append((mine, ref, (torch.randn(4, 9, 12), swin_mask(2, 3, 3, torch.Generator().manual_seed(0)))))
+    ref, mine = EagerSamAttention(16, 2, use_rel_pos=True, input_size=(3, 4)), RelPosAttention(
+        16, 2, use_rel_pos=True, input_size=(3, 4))
+    mine.load_state_dict(ref.state_dict())
+    cases.append((mine, ref, (torch.randn(2, 3, 4, 16),)))
+    ref, mine = nn.MultiheadAttention(8, 2, batch_first=True), MultiheadAttention(8, 2, batch_first=True)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 8)
+    cases.append((mine, ref, (x, x, x)))
+    for mine, ref, args in cases:
+        truth = copy.deepcopy(ref).double()(*[a.double() for a in args])
+        low_ref = copy.deepcopy(ref).to(dtype)(*[a.to(dtype) for a in args])
+        out = copy.deepcopy(mine).to(dtype)(*[a.to(dtype) for a in args])
+        if isinstance(truth, tuple):
+            truth, low_ref, out = truth[0], low_ref[0], out[0]
+        assert out.dtype == dtype
+        base = rel_error(low_ref, truth)
+        err = rel_error(out, truth)
+        assert err <= 2 * base + 4 * torch.finfo(dtype).eps, f"{type(mine).__name__}: {err:.3g} vs {base:.3g}"
