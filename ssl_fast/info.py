@@ -10,6 +10,8 @@ from ssl_fast import _backend, _ext, _triton
 # op name -> (module path, cpp kernel names); the module's _reasons(backend, device) answers.
 OPS = {
     "attention": ("ssl_fast.ops.attention", ["attention_fwd"]),
+    "conv_qkv_projection": ("ssl_fast.ops.conv_projection", ["conv_qkv_projection_fwd", "conv_qkv_projection_bwd"]),
+    "dino_loss": ("ssl_fast.ops.dino_loss", ["dino_loss_fwd", "dino_loss_bwd"]),
     "ema_": ("ssl_fast.ops.ema", ["ema_"]),
 }
 

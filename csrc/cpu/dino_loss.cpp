@@ -1,0 +1,241 @@
+// DINO loss on the CPU, forward and backward (see ssl_fast/reference/dino_loss.py for the math).
+//
+// Work is shared among threads by batch row b: a thread computes the n_global teacher
+// distributions t_i of row b once into a thread-local [n_global, K] buffer (float accumulation),
+// then reads each of the ncrops student rows of b: one pass for the max and the dot products
+// <t_i, x_v> (the row then sits in cache), one for sum exp(x_v - max). The loss term (i, v) is
+// lse(x_v) - <t_i, x_v>. Row sums are added in a fixed order, so results are deterministic.
+// Backward, per row b: rebuild t_i from the saved teacher log-sum-exp, then write
+//   grad_v[k] = g / (B * n_terms * tau_s) * (count_v * exp(x_v[k] - lse_v) - sum_{i != v} t_i[k]).
+// Inputs float32/float16/bfloat16/float64 (student and teacher may differ), center float32,
+// rows with any stride (stride(1) == 1). Accumulation in float (double if an input is double).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+struct Shape {
+  int64_t ncrops, n_global, batch, k;
+};
+
+Shape check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                   const at::Tensor& center, int64_t ncrops, int64_t n_global) {
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D");
+  TORCH_CHECK(ncrops >= 2, op, ": ncrops must be >= 2, got ", ncrops);
+  TORCH_CHECK(n_global >= 1 && n_global <= 2 && n_global <= ncrops, op,
+              ": n_global must be 1 or 2 and <= ncrops, got ", n_global);
+  const int64_t rows = student.size(0), k = student.size(1);
+  TORCH_CHECK(rows > 0 && rows % ncrops == 0, op, ": student rows ", rows,
+              " not a positive multiple of ncrops ", ncrops);
+  const int64_t batch = rows / ncrops;
+  TORCH_CHECK(teacher.size(0) == n_global * batch && teacher.size(1) == k, op,
+              ": teacher must be [n_global * B, K] = [", n_global * batch, ", ", k, "]");
+  TORCH_CHECK(center.scalar_type() == at::kFloat && center.numel() == k && center.is_contiguous(), op,
+              ": center must be a contiguous float32 [1, K] tensor");
+  TORCH_CHECK(k <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1), op,
+              ": student and teacher rows must be unit-stride along K");
+  return {ncrops, n_global, batch, k};
+}
+
+// t[k] = exp((teacher[k] - center[k]) / tau_t - lse) for one teacher row; returns lse when
+// `lse_in` is NaN (forward: computed here), else uses the given lse (backward).
+template <typename T, typename Acc>
+Acc teacher_probs(const T* __restrict__ row, const float* __restrict__ center, int64_t k, Acc inv_tau_t,
+                  Acc* __restrict__ out, bool have_lse, Acc lse) {
+  if (!have_lse) {
+    Acc mx = -std::numeric_limits<Acc>::infinity();
+    for (int64_t j = 0; j < k; ++j) {
+      const Acc z = (static_cast<Acc>(row[j]) - static_cast<Acc>(center[j])) * inv_tau_t;
+      out[j] = z;
+      mx = z > mx ? z : mx;
+    }
+    Acc sum = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const Acc e = std::exp(out[j] - mx);
+      out[j] = e;
+      sum += e;
+    }
+    const Acc inv = Acc(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) out[j] *= inv;
+    return mx + std::log(sum);
+  }
+  for (int64_t j = 0; j < k; ++j)
+    out[j] = std::exp((static_cast<Acc>(row[j]) - static_cast<Acc>(center[j])) * inv_tau_t - lse);
+  return lse;
+}
+
+template <typename S, typename T, typename Acc>
+void forward_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center,
+                  const Shape& sh, double tau_s, double tau_t, Acc* row_loss, Acc* student_lse,
+                  Acc* teacher_lse) {
+  const S* sp = student.data_ptr<S>();
+  const T* tp = teacher.data_ptr<T>();
+  const float* cp = center.data_ptr<float>();
+  const int64_t ss = student.stride(0), ts = teacher.stride(0);
+  const int64_t B = sh.batch, K = sh.k, NG = sh.n_global, NC = sh.ncrops;
+  const Acc inv_s = Acc(1) / static_cast<Acc>(tau_s), inv_t = Acc(1) / static_cast<Acc>(tau_t);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Acc> probs(NG * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < NG; ++i)
+        teacher_lse[i * B + b] = teacher_probs<T, Acc>(tp + (i * B + b) * ts, cp, K, inv_t,
+                                                       probs.data() + i * K, false, Acc(0));
+      const Acc* t0 = probs.data();
+      const Acc* t1 = NG == 2 ? probs.data() + K : probs.data();
+      Acc loss_b = 0;
+      for (int64_t v = 0; v < NC; ++v) {
+        const S* x = sp + (v * B + b) * ss;
+        Acc mx = -std::numeric_limits<Acc>::infinity(), dot0 = 0, dot1 = 0;
+        // a NaN is skipped by the max but makes `sum` (hence lse and the loss) NaN below
+#pragma omp simd reduction(max : mx) reduction(+ : dot0, dot1)
+        for (int64_t j = 0; j < K; ++j) {
+          const Acc xv = static_cast<Acc>(x[j]) * inv_s;
+          mx = xv > mx ? xv : mx;
+          dot0 += t0[j] * xv;
+          dot1 += t1[j] * xv;
+        }
+        Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < K; ++j) sum += std::exp(static_cast<Acc>(x[j]) * inv_s - mx);
+        const Acc lse = mx + std::log(sum);
+        student_lse[v * B + b] = lse;
+        if (v != 0) loss_b += lse - dot0;
+        if (NG == 2 && v != 1) loss_b += lse - dot1;
+      }
+      row_loss[b] = loss_b;
+    }
+  });
+}
+
+template <typename S, typename T, typename Acc>
+void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                   const at::Tensor& center, const Acc* student_lse, const Acc* teacher_lse,
+                   const Shape& sh, double tau_s, double tau_t, at::Tensor& grad) {
+  const S* sp = student.data_ptr<S>();
+  const T* tp = teacher.data_ptr<T>();
+  const float* cp = center.data_ptr<float>();
+  S* gp = grad.data_ptr<S>();
+  const int64_t ss = student.stride(0), ts = teacher.stride(0);
+  const int64_t B = sh.batch, K = sh.k, NG = sh.n_global, NC = sh.ncrops;
+  const int64_t n_terms = NG * NC - NG;
+  const Acc inv_s = Acc(1) / static_cast<Acc>(tau_s), inv_t = Acc(1) / static_cast<Acc>(tau_t);
+  const Acc coef = grad_loss * inv_s / static_cast<Acc>(B * n_terms);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    // rows: t_0, t_1 (when NG == 2), t_0 + t_1 (when NG == 2)
+    std::vector<Acc> probs((NG == 2 ? 3 : 1) * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t i = 0; i < NG; ++i)
+        teacher_probs<T, Acc>(tp + (i * B + b) * ts, cp, K, inv_t, probs.data() + i * K, true,
+                              teacher_lse[i * B + b]);
+      if (NG == 2) {
+        Acc* both = probs.data() + 2 * K;
+#pragma omp simd
+        for (int64_t j = 0; j < K; ++j) both[j] = probs[j] + probs[K + j];
+      }
+      for (int64_t v = 0; v < NC; ++v) {
+        const S* x = sp + (v * B + b) * ss;
+        S* g = gp + (v * B + b) * K;
+        const Acc lse = student_lse[v * B + b];
+        const Acc count = static_cast<Acc>(NG - (v < NG ? 1 : 0));
+        // the teacher views paired with crop v: the other global view, or all of them
+        const Acc* others = nullptr;
+        if (NG == 2) others = probs.data() + (v == 0 ? K : v == 1 ? 0 : 2 * K);
+        else if (v != 0) others = probs.data();
+        if (others == nullptr) {  // n_global = 1 and v = 0: crop 0 is in no term
+          for (int64_t j = 0; j < K; ++j) g[j] = static_cast<S>(0);
+          continue;
+        }
+        for (int64_t j = 0; j < K; ++j) {
+          const Acc p = std::exp(static_cast<Acc>(x[j]) * inv_s - lse);
+          g[j] = static_cast<S>(coef * (count * p - others[j]));
+        }
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_pair(at::ScalarType s_type, at::ScalarType t_type, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s_type, "dino_loss_student", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t_type, "dino_loss_teacher", [&] {
+      using T = scalar_t;
+      using Acc = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
+      f(S{}, T{}, Acc{});
+    });
+  });
+}
+
+at::ScalarType acc_type(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_fwd_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& center, int64_t ncrops,
+    int64_t n_global, double student_temp, double teacher_temp) {
+  const Shape sh = check_inputs("dino_loss_fwd", student, teacher, center, ncrops, n_global);
+  const auto opts = student.options().dtype(acc_type(student, teacher));
+  auto row_loss = at::empty({sh.batch}, opts);
+  auto student_lse = at::empty({student.size(0)}, opts);
+  auto teacher_lse = at::empty({teacher.size(0)}, opts);
+  dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s, auto t, auto acc) {
+    using S = decltype(s);
+    using T = decltype(t);
+    using Acc = decltype(acc);
+    forward_impl<S, T, Acc>(student, teacher, center, sh, student_temp, teacher_temp,
+                            row_loss.data_ptr<Acc>(), student_lse.data_ptr<Acc>(),
+                            teacher_lse.data_ptr<Acc>());
+  });
+  const int64_t n_terms = n_global * ncrops - n_global;
+  auto loss = row_loss.sum() / static_cast<double>(sh.batch * n_terms);  // fixed-order sum
+  return {loss, student_lse, teacher_lse};
+}
+
+at::Tensor dino_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student,
+                             const at::Tensor& teacher, const at::Tensor& center,
+                             const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                             int64_t ncrops, int64_t n_global, double student_temp, double teacher_temp) {
+  const Shape sh = check_inputs("dino_loss_bwd", student, teacher, center, ncrops, n_global);
+  const auto acc = acc_type(student, teacher);
+  TORCH_CHECK(student_lse.scalar_type() == acc && teacher_lse.scalar_type() == acc &&
+                  student_lse.numel() == student.size(0) && teacher_lse.numel() == teacher.size(0),
+              "dino_loss_bwd: student_lse/teacher_lse must be the forward's outputs");
+  auto s_lse = student_lse.contiguous();
+  auto t_lse = teacher_lse.contiguous();
+  auto grad = at::empty({student.size(0), student.size(1)}, student.options());
+  dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s, auto t, auto a) {
+    using S = decltype(s);
+    using T = decltype(t);
+    using Acc = decltype(a);
+    const Acc g = grad_loss.item<Acc>();
+    backward_impl<S, T, Acc>(g, student, teacher, center, s_lse.data_ptr<Acc>(), t_lse.data_ptr<Acc>(),
+                             sh, student_temp, teacher_temp, grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ssl_fast_C, m) {
+  m.def("dino_loss_fwd(Tensor student, Tensor teacher, Tensor center, int ncrops, int n_global, "
+        "float student_temp, float teacher_temp) -> (Tensor, Tensor, Tensor)");
+  m.def("dino_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor center, "
+        "Tensor student_lse, Tensor teacher_lse, int ncrops, int n_global, float student_temp, "
+        "float teacher_temp) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ssl_fast_C, CPU, m) {
+  m.impl("dino_loss_fwd", &dino_loss_fwd_cpu);
+  m.impl("dino_loss_bwd", &dino_loss_bwd_cpu);
+}

@@ -1,0 +1,374 @@
+"""DINO loss, center update and DINOLoss against the float64 reference and the official loop."""
+import contextlib
+import os
+import tempfile
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ssl_fast
+from ssl_fast import ops
+from ssl_fast.nn import DINOLoss
+from ssl_fast.ops.dino_loss import _reasons
+from ssl_fast.reference import dino_loss as reference
+from helpers import assert_matches_reference, backend_params, poison, rel_error
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+ODD_K = [1, 7, 49, 130, 197, 257]  # none a multiple of a block size (16, 32, ... 1024) except 1
+
+
+def _make(seed, ncrops, n_global, batch, k, dtype, scale, teacher_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(ncrops * batch, k, generator=g) * scale).to(dtype)
+    teacher = (torch.randn(n_global * batch, k, generator=g) * scale).to(teacher_dtype or dtype)
+    center = torch.randn(1, k, generator=g) * scale * 0.3
+    return student, teacher, center
+
+
+def _noncontiguous(t, how):
+    """Same values, other layout: rows with a stride wider than K, or a transposed buffer."""
+    if how == "wide_rows":
+        wide = torch.empty(t.shape[0], t.shape[1] + 3, dtype=t.dtype)
+        poison(wide)
+        wide[:, 1:1 + t.shape[1]] = t
+        return wide[:, 1:1 + t.shape[1]]
+    if how == "transposed":
+        return t.t().contiguous().t()
+    return t
+
+
+def _truth(student, teacher, center, ncrops, n_global, st_, tt):
+    """float64 loss and student gradient of the reference definition (autograd)."""
+    s64 = student.detach().double().requires_grad_()
+    loss = reference.dino_loss(s64, teacher.double(), center.double(), ncrops, n_global, st_, tt)
+    (grad,) = torch.autograd.grad(loss, s64)
+    return loss.detach(), grad
+
+
+def _eager_same_dtype(student, teacher, center, ncrops, n_global, st_, tt):
+    """The reference run by eager PyTorch on the inputs' own dtype: the low-precision baseline."""
+    s = student.detach().clone().requires_grad_()
+    loss = reference.dino_loss(s, teacher, center, ncrops, n_global, st_, tt)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Every torch.empty/empty_like made inside starts as NaN, so an output a kernel forgets to
+    write shows (the Triton launchers and the reference allocate with these)."""
+    empty, empty_like = torch.empty, torch.empty_like
+    with mock.patch.object(torch, "empty", lambda *a, **k: poison(empty(*a, **k))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k))):
+        yield
+
+
+shapes = st.tuples(st.integers(2, 12), st.integers(1, 2), st.integers(1, 4),
+                   st.one_of(st.sampled_from(ODD_K), st.integers(2, 300)))
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+@given(shape=shapes, dtype=st.sampled_from(FLOATS), teacher_dtype=st.sampled_from([None] + FLOATS),
+       student_temp=st.sampled_from([0.1, 0.05, 0.3]), teacher_temp=st.sampled_from([0.04, 0.07, 0.02, 1.0]),
+       scale=st.sampled_from([0.5, 2.0, 6.0]),
+       layout=st.sampled_from(["contiguous", "wide_rows", "transposed"]), seed=st.integers(0, 2**16))
+def test_loss_and_gradient_match_reference(backend, shape, dtype, teacher_dtype, student_temp, teacher_temp,
+                                          scale, layout, seed):
+    ncrops, n_global, batch, k = shape
+    n_global = min(n_global, ncrops)
+    student, teacher, center = _make(seed, ncrops, n_global, batch, k, dtype, scale, teacher_dtype)
+    args = (ncrops, n_global, student_temp, teacher_temp)
+    loss64, grad64 = _truth(student, teacher, center, *args)
+    base_loss, base_grad = _eager_same_dtype(student, teacher, center, *args)
+
+    s = _noncontiguous(student, layout).requires_grad_()
+    t = _noncontiguous(teacher, layout)
+    with poisoned_empty():
+        loss = ops.dino_loss(s, t, center, ncrops=ncrops, n_global=n_global, student_temp=student_temp,
+                             teacher_temp=teacher_temp, backend=backend)
+        (grad,) = torch.autograd.grad(loss, s)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert grad.dtype == dtype and grad.shape == student.shape
+    # float32 math from these inputs: 1e-5, or twice what eager PyTorch's float32 softmax loses
+    # at a low temperature (its error grows with |logits| / temperature)
+    tol = max(1e-5, 2 * rel_error(base_loss, loss64))
+    assert_matches_reference(loss, loss64, fp32_tol=tol, what="loss")
+    if dtype == torch.float32:
+        tol = max(1e-5, 2 * rel_error(base_grad, grad64))
+        assert_matches_reference(grad, grad64, fp32_tol=tol, what="student gradient")
+    else:
+        assert_matches_reference(grad, grad64, base_grad, what="student gradient")
+
+
+@pytest.mark.parametrize("block_k,k_splits", [(16, 3), (32, 2), (16, 64)])
+@pytest.mark.parametrize("ncrops,n_global,batch,k", [(10, 2, 2, 203), (3, 1, 3, 77), (2, 2, 1, 50)])
+def test_triton_multi_tile_and_multi_slice(block_k, k_splits, ncrops, n_global, batch, k):
+    """Force small tiles and several K slices, so online rescaling and the combine step both run."""
+    if _reasons("triton", torch.device("cpu")):
+        pytest.skip("; ".join(_reasons("triton", torch.device("cpu"))))
+    from ssl_fast.kernels import dino_loss as kernel
+
+    student, teacher, center = _make(k, ncrops, n_global, batch, k, torch.float32, 3.0)
+    args = (ncrops, n_global, 0.1, 0.04)
+    with poisoned_empty():
+        loss, s_lse, t_lse = kernel.forward(student, teacher, center, *args, block_k=block_k, k_splits=k_splits)
+    ref_loss, ref_s_lse, ref_t_lse = reference.dino_loss_forward_stats(
+        student.double(), teacher.double(), center.double(), *args)
+    assert_matches_reference(loss, ref_loss, what="loss")
+    assert_matches_reference(s_lse, ref_s_lse, what="student lse")
+    assert_matches_reference(t_lse, ref_t_lse, what="teacher lse")
+    with poisoned_empty():
+        grad = kernel.backward(torch.tensor(0.7), student, teacher, center, s_lse, t_lse, *args, block_k=block_k)
+    _, grad64 = _truth(student, teacher, center, *args)
+    assert_matches_reference(grad, 0.7 * grad64, what="student gradient")
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_gradient_only_to_student_and_accumulates(backend):
+    student, teacher, center = _make(1, 4, 2, 3, 37, torch.float32, 2.0)
+    s = student.clone().requires_grad_()
+    t = teacher.clone().requires_grad_()
+    c = center.clone().requires_grad_()
+    earlier = torch.randn_like(student)
+    s.grad = earlier.clone()
+    loss = ops.dino_loss(s, t, c, ncrops=4, backend=backend)
+    (3.0 * loss).backward()
+    _, grad64 = _truth(student, teacher, center, 4, 2, 0.1, 0.04)
+    assert_matches_reference(s.grad - earlier, 3.0 * grad64, fp32_tol=1e-5, what="accumulated gradient")
+    assert t.grad is None and c.grad is None
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_center_updated_in_place_before_backward(backend):
+    """DINO updates the center right after the loss; the backward must use the old center."""
+    student, teacher, center = _make(2, 3, 2, 2, 41, torch.float32, 2.0)
+    s = student.clone().requires_grad_()
+    c = center.clone()
+    loss = ops.dino_loss(s, teacher, c, ncrops=3, backend=backend)
+    ops.update_center_(c, teacher, 0.5)
+    loss.backward()
+    _, grad64 = _truth(student, teacher, center, 3, 2, 0.1, 0.04)
+    assert_matches_reference(s.grad, grad64, what="student gradient")
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_nan_and_inf_propagate(backend):
+    student, teacher, center = _make(3, 3, 1, 2, 20, torch.float32, 1.0)
+    student[4, 5] = float("nan")
+    loss = ops.dino_loss(student, teacher, center, ncrops=3, n_global=1, backend=backend)
+    assert torch.isnan(loss)
+    student, teacher, center = _make(3, 3, 1, 2, 20, torch.float32, 1.0)
+    teacher[1, 2] = float("inf")
+    loss = ops.dino_loss(student, teacher, center, ncrops=3, n_global=1, backend=backend)
+    assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gradcheck_float64(backend):
+    if _reasons(backend, torch.device("cpu")):
+        pytest.skip("; ".join(_reasons(backend, torch.device("cpu"))))
+    for ncrops, n_global, batch, k in [(3, 2, 2, 5), (4, 1, 1, 7)]:
+        student, teacher, center = _make(5, ncrops, n_global, batch, k, torch.float64, 1.0)
+        s = student.requires_grad_()
+        torch.autograd.gradcheck(
+            lambda x: ops.dino_loss(x, teacher, center, ncrops=ncrops, n_global=n_global, student_temp=0.2,
+                                    teacher_temp=0.5, backend=backend), (s,))
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_opcheck(backend):
+    student, teacher, center = _make(6, 3, 2, 2, 19, torch.float32, 1.0)
+    student.requires_grad_()
+    args = (student, teacher, center, 3, 2, 0.1, 0.04, backend)
+    torch.library.opcheck(torch.ops.ssl_fast.dino_loss_fwd.default, args)
+    loss, s_lse, t_lse = torch.ops.ssl_fast.dino_loss_fwd(*args)
+    torch.library.opcheck(torch.ops.ssl_fast.dino_loss_bwd.default,
+                          (torch.tensor(1.5), student.detach(), teacher, center, s_lse, t_lse, 3, 2, 0.1, 0.04,
+                           backend))
+    b16 = student.detach().bfloat16()
+    torch.library.opcheck(torch.ops.ssl_fast.dino_loss_fwd.default,
+                          (b16, teacher.bfloat16(), center, 3, 2, 0.1, 0.04, backend))
+
+
+def test_compiles_fullgraph():
+    student, teacher, center = _make(7, 4, 2, 2, 33, torch.float32, 2.0)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(s, t, c):
+        loss = ops.dino_loss(s, t, c, ncrops=4, student_temp=0.1, teacher_temp=0.05)
+        ops.update_center_(c, t, 0.9)
+        return loss
+
+    s = student.clone().requires_grad_()
+    c = center.clone()
+    loss = step(s, teacher, c)
+    loss.backward()
+    loss64, grad64 = _truth(student, teacher, center, 4, 2, 0.1, 0.05)
+    assert_matches_reference(loss, loss64, what="compiled loss")
+    assert_matches_reference(s.grad, grad64, what="compiled gradient")
+    torch.testing.assert_close(c, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True))
+
+
+# ---------------------------------------------------------------------------- center update
+
+@given(rows=st.integers(1, 9), k=st.sampled_from(ODD_K), dtype=st.sampled_from(FLOATS),
+       momentum=st.one_of(st.sampled_from([0.0, 1.0, 0.9]), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16))
+def test_update_center_matches_official_formula(rows, k, dtype, momentum, seed):
+    g = torch.Generator().manual_seed(seed)
+    teacher = (torch.randn(rows, k, generator=g) * 4).to(dtype)
+    center = torch.randn(1, k, generator=g)
+    before = center.clone()
+    ops.update_center_(center, teacher, momentum)
+    truth = before.double() * momentum + teacher.double().mean(0, keepdim=True) * (1 - momentum)
+    assert center.dtype == torch.float32 and center.shape == (1, k)
+    assert_matches_reference(center, truth, fp32_tol=1e-6, what="center")
+    if momentum == 1.0:
+        assert torch.equal(center, before)
+
+
+def _distributed_worker(rank, world, init_file, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        teacher = torch.full((2, 3), float(rank + 1)) + torch.arange(3.0)
+        center = torch.zeros(1, 3)
+        ops.update_center_(center, teacher, 0.5)
+        if rank == 0:
+            torch.save(center, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_center_all_reduces_over_ranks():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        result = os.path.join(d, "center.pt")
+        mp.spawn(_distributed_worker, args=(2, os.path.join(d, "init"), result), nprocs=2, join=True)
+        center = torch.load(result)
+    # rows of rank 0 hold 1 + j, of rank 1 hold 2 + j: global mean 1.5 + j, times (1 - 0.5)
+    torch.testing.assert_close(center, 0.5 * (1.5 + torch.arange(3.0))[None])
+
+
+# ---------------------------------------------------------------------------- DINOLoss module
+
+class _OfficialDINOLoss(torch.nn.Module):
+    """Plain re-statement of the official class's behaviour (single process), for comparison."""
+
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+                 nepochs, student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        warm = list(np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs))
+        self.schedule = warm + [teacher_temp] * (nepochs - warmup_teacher_temp_epochs)
+
+    def forward(self, student_output, teacher_output, epoch):
+        crops = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = self.schedule[epoch]
+        views = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total, terms = 0, 0
+        for i, q in enumerate(views):
+            for v, x in enumerate(crops):
+                if v != i:
+                    total = total + torch.sum(-q * F.log_softmax(x, dim=-1), dim=-1).mean()
+                    terms += 1
+        total = total / terms
+        with torch.no_grad():
+            batch_center = teacher_output.sum(dim=0, keepdim=True) / len(teacher_output)
+            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        return total
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_dino_loss_module_matches_official_over_epochs(backend):
+    out_dim, ncrops, batch = 53, 5, 3
+    kwargs = dict(out_dim=out_dim, ncrops=ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                  warmup_teacher_temp_epochs=3, nepochs=6, student_temp=0.1, center_momentum=0.8)
+    ours, official = DINOLoss(**kwargs), _OfficialDINOLoss(**kwargs)
+    assert list(ours.state_dict()) == ["center"] and ours.center.shape == (1, out_dim)
+    np.testing.assert_allclose(ours.teacher_temp_schedule, official.schedule, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    with ssl_fast.use_backend(backend):
+        for epoch in range(6):
+            student = torch.randn(ncrops * batch, out_dim, generator=g) * 3
+            teacher = torch.randn(2 * batch, out_dim, generator=g) * 3 + epoch
+            s1, s2 = student.clone().requires_grad_(), student.double().requires_grad_()
+            loss = ours(s1, teacher, epoch)
+            official.center = official.center.double()
+            ref = official(s2, teacher.double(), epoch)
+            loss.backward()
+            ref.backward()
+            assert_matches_reference(loss, ref, what=f"loss at epoch {epoch}")
+            assert_matches_reference(s1.grad, s2.grad, what=f"gradient at epoch {epoch}")
+            assert_matches_reference(ours.center, official.center, fp32_tol=1e-6, what=f"center at epoch {epoch}")
+    # a checkpoint round trip carries the center
+    fresh = DINOLoss(**kwargs)
+    fresh.load_state_dict(ours.state_dict())
+    assert torch.equal(fresh.center, ours.center)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_bad_input_names_the_argument():
+    s, t, c = torch.randn(6, 10), torch.randn(4, 10), torch.zeros(1, 10)
+    with pytest.raises(ValueError, match="not a positive multiple of ncrops=4"):
+        ops.dino_loss(s, t, c, ncrops=4)
+    with pytest.raises(ValueError, match="teacher_output has 4 rows but needs n_global \\* B = 1 \\* 2"):
+        ops.dino_loss(s, t, c, ncrops=3, n_global=1)
+    with pytest.raises(ValueError, match="teacher_output has K=9"):
+        ops.dino_loss(s, torch.randn(4, 9), c, ncrops=3)
+    with pytest.raises(ValueError, match="center must have shape \\(1, 10\\)"):
+        ops.dino_loss(s, t, torch.zeros(10, 1), ncrops=3)
+    with pytest.raises(ValueError, match="center must have 2 dimensions"):
+        ops.dino_loss(s, t, torch.zeros(10), ncrops=3)
+    with pytest.raises(TypeError, match="center must have dtype in \\(float32\\)"):
+        ops.dino_loss(s, t, torch.zeros(1, 10, dtype=torch.float16), ncrops=3)
+    with pytest.raises(TypeError, match="student_output must have dtype"):
+        ops.dino_loss(s.int(), t, c, ncrops=3)
+    with pytest.raises(TypeError, match="teacher_output must be a torch.Tensor"):
+        ops.dino_loss(s, t.numpy(), c, ncrops=3)
+    with pytest.raises(ValueError, match="student_temp must be > 0"):
+        ops.dino_loss(s, t, c, ncrops=3, student_temp=0.0)
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        ops.dino_loss(s, t, c, ncrops=3, teacher_temp=-0.04)
+    with pytest.raises(ValueError, match="ncrops must be >= 2"):
+        ops.dino_loss(s[:2], t[:2], c, ncrops=1, n_global=1)
+    with pytest.raises(TypeError, match="ncrops must be an int"):
+        ops.dino_loss(s, t, c, ncrops=3.0)
+    with pytest.raises(ValueError, match="n_global must be 1 or 2"):
+        ops.dino_loss(s, torch.randn(6, 10), c, ncrops=3, n_global=3)
+    with pytest.raises(ValueError, match="n_global must be 1 or 2 and at most ncrops \\(2\\)"):
+        ops.dino_loss(s[:4], torch.randn(6, 10), c, ncrops=2, n_global=3)
+    with pytest.raises(ValueError, match="one device"):
+        ops.dino_loss(s, t, torch.zeros(1, 10, device="meta"), ncrops=3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.dino_loss(s, t, c, ncrops=3, backend="cuda")
+    with pytest.raises(ValueError, match="momentum must be <= 1"):
+        ops.update_center_(c, t, 1.5)
+    with pytest.raises(ValueError, match="center must have shape \\(1, 9\\)"):
+        ops.update_center_(c, torch.randn(4, 9), 0.9)
+    with pytest.raises(TypeError, match="center must have dtype"):
+        ops.update_center_(c.double(), t, 0.9)
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs \\(7\\) must be <= nepochs \\(5\\)"):
+        DINOLoss(10, 3, 0.04, 0.07, 7, 5)
+    with pytest.raises(ValueError, match="teacher_output has 5 rows"):
+        DINOLoss(10, 3, 0.04, 0.07, 2, 5)(s, torch.randn(5, 10), 0)
+
+
+def test_forced_backend_that_cannot_serve_raises():
+    s, t, c = torch.randn(6, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64), torch.zeros(1, 10)
+    if _backend_has_triton_here():
+        with pytest.raises(ssl_fast.BackendUnavailableError, match="float32/float16/bfloat16 student_output"):
+            ops.dino_loss(s, t, c, ncrops=3, backend="triton")
+    assert "float64" in " ".join(_reasons("triton", torch.device("cpu"), torch.float64, torch.float32))
+
+
+def _backend_has_triton_here():
+    return not _reasons("triton", torch.device("cpu"))
