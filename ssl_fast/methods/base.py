@@ -1,0 +1,181 @@
+"""The interface every self-supervised method implements, and the method registry.
+
+The trainer knows only this interface: it hands a method a batch of raw images, backpropagates
+the returned loss, steps the optimizer, and calls the hooks around that step. A new method
+(BYOL, SimSiam, CARE, CVSA) subclasses :class:`SSLMethod`, registers itself with
+``@register_method("name")`` and works with the trainer and the CLI unchanged.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """What the trainer gives :meth:`SSLMethod.training_step`.
+
+    Attributes:
+        images: ``[b, 3, H, W]`` float in [0, 1] on the training device (this rank's rows).
+        generator: CPU ``torch.Generator`` seeded for this (epoch, step); augmentation draws
+            every random parameter from it.
+        rows: which rows of the global batch these images are (``slice(rank*b, (rank+1)*b)``).
+        global_size: the global batch size (the number of samples to draw parameters for).
+    """
+    images: torch.Tensor
+    generator: torch.Generator
+    rows: slice
+    global_size: int
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule settings a method recommends (the CLI can override each).
+
+    Attributes:
+        base_lr: learning rate for a global batch of 256 (scaled linearly by batch / 256).
+        min_lr: final learning rate of the cosine schedule.
+        warmup_epochs: linear warm-up length in epochs.
+        weight_decay: weight decay at the start of the cosine weight-decay schedule.
+        weight_decay_end: weight decay at the end.
+        betas: AdamW betas.
+    """
+    base_lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple = (0.9, 0.999)
+
+
+@dataclass
+class MethodContext:
+    """Facts about the run a method needs to build itself.
+
+    Attributes:
+        arch: backbone name in :mod:`ssl_fast.models`.
+        epochs: total epochs.
+        steps_per_epoch: optimizer steps per epoch.
+        global_batch_size: images per optimizer step over all ranks.
+        image_size: side of the stored images.
+        mean: per-channel normalisation mean of the training images.
+        std: per-channel normalisation std.
+        options: method-specific options (from the CLI or a config), by name.
+    """
+    arch: str
+    epochs: int
+    steps_per_epoch: int
+    global_batch_size: int
+    image_size: int
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+class SSLMethod(nn.Module):
+    """Base class of self-supervised methods.
+
+    Subclasses implement :meth:`training_step`, :meth:`features` and :meth:`trainable`, and may
+    override the hooks. ``state_dict()`` must hold everything the method needs to resume exactly
+    (networks, teacher, loss buffers); the trainer saves the optimizer and RNG states itself.
+    """
+
+    #: registry name, set by :func:`register_method`
+    name: str = "base"
+
+    def trainable(self) -> nn.Module:
+        """The module the optimizer trains (and DDP wraps)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, epoch: int, step: int) -> Dict[str, Any]:
+        """Forward pass of one batch.
+
+        Returns:
+            A dict with ``loss`` (0-d tensor to backpropagate) and any number of scalar
+            metrics (tensors or floats) to log.
+        """
+        raise NotImplementedError
+
+    def before_optimizer_step(self, epoch: int, step: int) -> Dict[str, float]:
+        """Called after ``backward``, before ``optimizer.step()`` (gradient clipping, freezing)."""
+        return {}
+
+    def after_optimizer_step(self, epoch: int, step: int) -> Dict[str, float]:
+        """Called after ``optimizer.step()`` (momentum-teacher update). Returns metrics to log."""
+        return {}
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups; a group with ``apply_weight_decay=False`` gets none.
+
+        Default: biases and other 1-D parameters (norms) without weight decay, the rest with.
+        """
+        decay, no_decay = [], []
+        for name, p in self.trainable().named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+        return [{"params": decay, "apply_weight_decay": True},
+                {"params": no_decay, "apply_weight_decay": False}]
+
+    def optim_config(self) -> OptimConfig:
+        """Recommended optimizer settings."""
+        return OptimConfig()
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features ``[B, D]`` of un-augmented images ``[B, 3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Class-token attention of the last block, ``[B, heads, gh, gw]``, or None if not a ViT."""
+        return None
+
+    def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace the trainable module used in the forward pass by ``wrap(module)`` (DDP)."""
+        raise NotImplementedError
+
+    def collapse_warnings(self, metrics: Dict[str, float]) -> List[str]:
+        """Warnings about the epoch's averaged metrics (for example representation collapse)."""
+        return []
+
+
+_METHODS: Dict[str, Callable[..., SSLMethod]] = {}
+
+
+def register_method(name: str):
+    """Class decorator registering an :class:`SSLMethod` subclass under ``name``.
+
+    The class must provide ``from_context(ctx: MethodContext)`` and may provide
+    ``add_arguments(parser)`` for its own CLI options.
+    """
+    def decorator(cls):
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_methods() -> List[str]:
+    """Sorted names of the registered methods."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str):
+    """The registered method class ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def create_method(name: str, ctx: MethodContext) -> SSLMethod:
+    """Build method ``name`` for the run described by ``ctx``."""
+    return get_method(name).from_context(ctx)
