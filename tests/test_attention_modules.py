@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import rel_error
+from helpers import backend_params, rel_error
+from ssl_fast import use_backend
 from ssl_fast.nn import BoTAttention, MultiheadAttention, RelPosAttention, WindowAttention
 
 
@@ -354,6 +355,11 @@ def test_mha_float32_and_bad_input():
     mine, ref = mine.float(), ref.float()
     x = torch.randn(2, 4, 8)
     assert_close(mine(x, x, x)[0], ref(x, x, x)[0], tol=1e-5)
+    kpm = torch.tensor([[False, False, True, True], [False, True, False, False]])
+    causal = nn.Transformer.generate_square_subsequent_mask(4) == float("-inf")
+    for kw in (dict(key_padding_mask=kpm), dict(attn_mask=causal), dict(attn_mask=causal, is_causal=True)):
+        assert_close(mine(x, x, x, need_weights=False, **kw)[0], ref(x, x, x, need_weights=False, **kw)[0],
+                     tol=1e-5, what=str(list(kw)))
     with pytest.raises(ValueError, match="attn_mask"):
         mine(x, x, x, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
@@ -566,3 +572,42 @@ def test_modules_low_precision(dtype):
         base = rel_error(low_ref, truth)
         err = rel_error(out, truth)
         assert err <= 2 * base + 4 * torch.finfo(dtype).eps, f"{type(mine).__name__}: {err:.3g} vs {base:.3g}"
+
+
+# ------------------------------------------------------------------------------------------
+# every backend available here (the Triton kernel runs through the interpreter on the CPU)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", backend_params("attention"))
+def test_modules_float32_each_backend(backend):
+    """float32 modules, forced onto one backend, against their float64 re-statements
+    (outputs and every gradient): the same module code runs the reference and the kernel."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    kpm = torch.tensor([[False, False, True, False, True], [False, False, False, False, False]])
+    win_mask = swin_mask(2, 2, 3, gen)
+    cases = [
+        (WindowAttention(12, 3, window_size=(2, 3)), EagerWindowAttention(12, 3, window_size=(2, 3)),
+         lambda m, x: m(x, win_mask.to(x.dtype)), (4, 6, 12)),
+        (RelPosAttention(16, 2, use_rel_pos=True, input_size=(3, 3)),
+         EagerSamAttention(16, 2, use_rel_pos=True, input_size=(3, 3)), lambda m, x: m(x), (2, 2, 3, 16)),
+        (BoTAttention(6, 8, (2, 3), num_heads=2), EagerBottleneckAttn(6, 8, (2, 3), num_heads=2),
+         lambda m, x: m(x), (2, 6, 2, 3)),
+        (MultiheadAttention(8, 2, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True),
+         lambda m, x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], (2, 5, 8)),
+    ]
+    with use_backend(backend):
+        for mine, ref, run, shape in cases:
+            mine.load_state_dict(ref.state_dict())
+            ref = ref.double()
+            x = torch.randn(shape)
+            xa, xb = leaf(x), leaf(x.double())
+            state = torch.random.get_rng_state()
+            o_ref = run(ref, xb)
+            torch.random.set_rng_state(state)
+            o_mine = run(mine, xa)
+            assert o_mine.dtype == torch.float32
+            assert_close(o_mine, o_ref, tol=1e-5, what=f"{type(mine).__name__} output")
+            w = torch.randn(o_ref.shape, dtype=torch.float64)
+            (o_ref * w).sum().backward()
+            (o_mine * w.float()).sum().backward()
+            check_grads(mine, ref, [xa], [xb], tol=1e-5)

@@ -133,13 +133,13 @@ class MultiheadAttention(nn.Module):
         return q, k, v
 
     def _mask(self, attn_mask, key_padding_mask, n: int, l: int, s: int, s_ext: int,
-              dtype: torch.dtype, causal: bool) -> Optional[torch.Tensor]:
+              dtype: torch.dtype, device: torch.device, causal: bool) -> Optional[torch.Tensor]:
         """torch-convention masks -> one mask for the op (``True`` = attend, or additive), shape
         broadcastable to ``[N, H, L, S']``."""
         extra = s_ext - s
         masks = []
         if causal:
-            masks.append(~torch.ones(l, s_ext, dtype=torch.bool, device=self._device()).tril())
+            masks.append(~torch.ones(l, s_ext, dtype=torch.bool, device=device).tril())
         elif attn_mask is not None:
             if attn_mask.dim() == 2:
                 if tuple(attn_mask.shape) != (l, s):
@@ -176,9 +176,6 @@ class MultiheadAttention(nn.Module):
                 m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
             total = m if total is None else total + m
         return total
-
-    def _device(self) -> torch.device:
-        return self.out_proj.weight.device
 
     def _batch_first(self, query, key, value, key_padding_mask, attn_mask):
         """Validate shapes and return batch-first 3-D tensors and whether the input was batched."""
@@ -247,7 +244,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"unbatched 3-D attn_mask must be (num_heads, L, S), got {tuple(attn_mask.shape)}")
         q, k, v = self._project(q_in, k_in, v_in)
         causal = is_causal and kpm is None and not need_weights
-        mask = self._mask(attn_mask, kpm, n, l, s, k.shape[2], q.dtype, causal)
+        mask = self._mask(attn_mask, kpm, n, l, s, k.shape[2], q.dtype, q.device, causal)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -328,6 +325,6 @@ class MultiheadAttention(nn.Module):
                 v_in = k_in
             q, k, _ = self._project(q_in, k_in, v_in)
             n, l, _ = q_in.shape
-            mask = self._mask(attn_mask, kpm, n, l, k_in.shape[1], k.shape[2], q.dtype, False)
+            mask = self._mask(attn_mask, kpm, n, l, k_in.shape[1], k.shape[2], q.dtype, q.device, False)
             probs = attention_probs(q, k, attn_mask=mask, query_index=query_index)
         return probs if batched else probs.squeeze(0)
