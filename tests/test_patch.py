@@ -298,11 +298,8 @@ class CrossAttention(nn.Module):
         return self.q(x)
 
 
-class BeitLikeAttention(Attention):
-    pass
-
-
 def beit_attention():
+    """BEiT's Attention: same class name, plus q_bias/v_bias parameters (not the plain one)."""
     m = type("Attention", (Attention,), {})(16, 2)
     m.q_bias = nn.Parameter(torch.zeros(16))
     return m
