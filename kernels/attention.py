@@ -136,6 +136,17 @@ def _tile_bias(mi, nj, b, h, bh, NQ, NK,
     return bias
 
 
+@triton.jit
+def _mm_operand(x, UPCAST: tl.constexpr):
+    """A dot operand as loaded, or widened to fp32 (exact) where the interpreter cannot
+    multiply bf16 (it holds bf16 as raw uint16 bits). Roundings to the input dtype stay explicit
+    at every call site, so the interpreter sees the GPU's numerics."""
+    if UPCAST:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -149,7 +160,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 AM, sam_b, sam_h, sam_m, sam_n,
                 BIAS: tl.constexpr, HAS_WMASK: tl.constexpr, AMASK: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -162,6 +173,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     m_ok = offs_m < NQ
     q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _mm_operand(q, UPCAST)
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
 
@@ -173,6 +185,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         n_ok = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
+        kt = _mm_operand(kt, UPCAST)
         s = tl.dot(q, kt, input_precision=PREC) * scale
         s += _tile_bias(offs_m[:, None], offs_n[None, :], b, h, bh, NQ, NK,
                         TAB, stab_r, stab_h, WH, WW, TH, TW, KH, KW,
@@ -186,8 +199,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                      mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        vt = _mm_operand(vt, UPCAST)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PREC)
+        acc = tl.dot(p.to(V.dtype.element_ty).to(vt.dtype), vt, acc, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -228,7 +242,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                      AM, sam_b, sam_h, sam_m, sam_n,
                      BIAS: tl.constexpr, HAS_WMASK: tl.constexpr, AMASK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile: ``dv = p^T do`` and ``dk = scale * ds^T q`` over every query tile.
 
     Works on transposed tiles (keys along rows) so that no tile needs a transpose.
@@ -247,6 +261,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                 mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)      # [BN, BD]
     v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)    # [BN, BDV]
+    k = _mm_operand(k, UPCAST)
+    v = _mm_operand(v, UPCAST)
     q_base = Q + b64 * sqb + h64 * sqh
     do_base = DO + b64 * sdb + h64 * sdh
     row_base = bh.to(tl.int64) * NQ
@@ -259,6 +275,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                      mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)     # [BD, BM]
         do = tl.load(do_base + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                      mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)   # [BM, BDV]
+        qt = _mm_operand(qt, UPCAST)
+        do = _mm_operand(do, UPCAST)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=PREC) * scale                       # [BN, BM]
@@ -268,10 +286,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
                          BIAS, HAS_WMASK, AMASK)
         pt = tl.exp2(st * 1.4426950408889634 - lse[None, :] * 1.4426950408889634)
         pt = tl.where(m_ok[None, :], pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+        dv = tl.dot(pt.to(DO.dtype.element_ty).to(do.dtype), do, dv, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)                    # [BN, BM]
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+        dk = tl.dot(dst.to(Q.dtype.element_ty).to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
     dk = dk * scale
     tl.store(DK + bh.to(tl.int64) * NK * D + offs_n[:, None] * D + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
@@ -290,7 +308,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PART, DTH, DTW,
                    AM, sam_b, sam_h, sam_m, sam_n,
                    BIAS: tl.constexpr, HAS_WMASK: tl.constexpr, AMASK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, PREC: tl.constexpr, AUX_PREC: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, AUX_PREC: tl.constexpr,
                    WW_PAD: tl.constexpr, DY_PAD: tl.constexpr, DX_PAD: tl.constexpr,
                    KH_PAD: tl.constexpr, KW_PAD: tl.constexpr):
     """One query tile: ``dq = scale * ds k`` (fp32) plus the position-gradient partial sums.
@@ -314,6 +332,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PART, DTH, DTW,
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _mm_operand(q, UPCAST)
+    do = _mm_operand(do, UPCAST)
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b64 * skb + h64 * skh
@@ -343,6 +363,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PART, DTH, DTW,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)    # [BD, BN]
         vt = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
                      mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)  # [BDV, BN]
+        kt = _mm_operand(kt, UPCAST)
+        vt = _mm_operand(vt, UPCAST)
         s = tl.dot(q, kt, input_precision=PREC) * scale
         s += _tile_bias(offs_m[:, None], offs_n[None, :], b, h, bh, NQ, NK,
                         TAB, stab_r, stab_h, WH, WW, TH, TW, KH, KW,
@@ -352,7 +374,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PART, DTH, DTW,
         p = tl.where(m_ok[:, None], p, 0.0)
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = p * (dp - delta[:, None])                                          # [BM, BN] fp32
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
+        dq = tl.dot(ds.to(K.dtype.element_ty).to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
         if BIAS == 1:
             yj = offs_n // WW
             xj = offs_n % WW
@@ -408,6 +430,10 @@ def _blocks(pass_name: str, d_pad: int, dv_pad: int, dtype: torch.dtype):
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs stay fp32 in the products (no tf32), as the numerics contract asks
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
 
 
 def _aux_prec(dtype: torch.dtype) -> str:
@@ -496,7 +522,7 @@ def attention_forward(q, k, v, scale, table=None, window_size=None, window_mask=
     grid = (triton.cdiv(c.nq, bm), c.b * c.h)
     _fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       c.h, c.nq, c.nk, c.d, c.dv, *c.tail, **c.consts(),
-                      BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+                      BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -525,7 +551,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, table=None, window_size=N
     # dkdv walks queries in the inner loop: its inner tile is BLOCK_M queries
     _bwd_dkdv_kernel[(triton.cdiv(c.nk, bn), bh)](
         q, k, v, dout, lse, delta, dk, dv, *strides, c.h, c.nq, c.nk, c.d, c.dv, *c.tail,
-        **c.consts(), BLOCK_M=bm, BLOCK_N=bn, PREC=prec, num_warps=warps, num_stages=stages)
+        **c.consts(), BLOCK_M=bm, BLOCK_N=bn, PREC=prec, UPCAST=_upcast(q.dtype), num_warps=warps, num_stages=stages)
 
     n_qtiles = triton.cdiv(c.nq, bm)
     wh, ww = c.grid_w
@@ -538,7 +564,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, table=None, window_size=N
         dtw = torch.empty((bh, c.nq, kw), device=dev, dtype=torch.float32)
     _bwd_dq_kernel[(n_qtiles, bh)](
         q, k, v, dout, lse, delta, dq, part, dth, dtw, *strides, c.h, c.nq, c.nk, c.d, c.dv, *c.tail,
-        **c.consts(), BLOCK_M=bm, BLOCK_N=bn, PREC=prec, AUX_PREC=_aux_prec(q.dtype),
+        **c.consts(), BLOCK_M=bm, BLOCK_N=bn, PREC=prec, UPCAST=_upcast(q.dtype), AUX_PREC=_aux_prec(q.dtype),
         WW_PAD=_pow2(ww), DY_PAD=_pow2(2 * wh - 1, 2), DX_PAD=_pow2(2 * ww - 1, 2),
         KH_PAD=_pow2(kh), KW_PAD=_pow2(kw), num_warps=warps, num_stages=stages)
 
