@@ -19,8 +19,9 @@ Forward, train mode (batch statistics), three launches:
 Forward, eval mode: one launch, conv then ``acc * scale + shift`` with the running statistics.
 
 Backward (``g`` = output gradient, ``xhat = (y - mean) * invstd``, ``M`` values per channel):
-``dy = a*g + b*y + c`` with ``a = gamma*invstd`` and, in train mode, ``b = -a*invstd*dgamma/M``,
-``c = -a*dbeta/M - b*mean`` (``b = c = 0`` in eval mode).
+``dy = a * (g - dbeta/M - xhat * dgamma/M)`` with ``a = gamma*invstd`` in train mode (``xhat`` from
+the saved ``y``, not expanded into ``b*y + c``, which cancels badly when ``|mean| >> std``);
+``dy = a * g`` in eval mode.
   1. train only: per-tile partials of ``dbeta = sum g`` and ``dgamma = sum g*xhat``, reduced;
   2. one launch over centre tiles: ``dw_p[t] += dy_p(centre) * x(centre + tap t)`` as per-tile
      partials, and ``dx(centre) = sum_p sum_t w_p[t] * dy_p(output whose tap t is this pixel)``
@@ -253,14 +254,15 @@ def _bn_grad_partials_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, mea
 
 
 @triton.jit
-def _dy_at(g_ptr, y_ptr, idx, m, offs_c, C, a, bb, cc, TRAIN: tl.constexpr, ACC: tl.constexpr):
+def _dy_at(g_ptr, y_ptr, idx, m, offs_c, C, a, k1, k2, mu, istd, TRAIN: tl.constexpr, ACC: tl.constexpr):
+    """dy = a * (g - k1 - xhat * k2) at output rows ``idx`` (train; eval: a * g)."""
     off = idx[:, None] * C + offs_c[None, :]
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
-    dy = g * a[None, :]
     if TRAIN:
         y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
-        dy += y * bb[None, :] + cc[None, :]
-    return tl.where(m, dy, 0.0)
+        xhat = (y - mu[None, :]) * istd[None, :]
+        g = g - k1[None, :] - xhat * k2[None, :]
+    return tl.where(m, g * a[None, :], 0.0)
 
 
 @triton.jit
@@ -280,7 +282,7 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
     r = offs_p % HW
     h = r // W
     w = r % W
-    # dy = a*g + b*y + c, coefficients [3, 3, C] (p, {a, b, c}, channel) prepared by the launcher
+    # dy = a * (g - k1 - xhat * k2); coefficients [3, 3, C] (p, {a, k1, k2}, channel) from the launcher
     aq = tl.load(coef_ptr + offs_c, mask=mc, other=0.0)
     bq = tl.load(coef_ptr + C + offs_c, mask=mc, other=0.0)
     cq = tl.load(coef_ptr + 2 * C + offs_c, mask=mc, other=0.0)
@@ -290,6 +292,12 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
     av = tl.load(coef_ptr + 6 * C + offs_c, mask=mc, other=0.0)
     bv = tl.load(coef_ptr + 7 * C + offs_c, mask=mc, other=0.0)
     cv = tl.load(coef_ptr + 8 * C + offs_c, mask=mc, other=0.0)
+    muq = tl.load(mean_ptr + offs_c, mask=mc, other=0.0)
+    muk = tl.load(mean_ptr + C + offs_c, mask=mc, other=0.0)
+    muv = tl.load(mean_ptr + 2 * C + offs_c, mask=mc, other=0.0)
+    isq = tl.load(invstd_ptr + offs_c, mask=mc, other=0.0)
+    isk = tl.load(invstd_ptr + C + offs_c, mask=mc, other=0.0)
+    isv = tl.load(invstd_ptr + 2 * C + offs_c, mask=mc, other=0.0)
     # dy of the outputs centred on this tile (for the weight gradient)
     on_q = mp & (h % SQ == 0) & (w % SQ == 0)
     on_kv = mp & (h % SKV == 0) & (w % SKV == 0)
@@ -297,9 +305,9 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
     ok = b * (HK * WK) + (h // SKV) * WK + (w // SKV)
     mq = on_q[:, None] & mc[None, :]
     mkv = on_kv[:, None] & mc[None, :]
-    dyq = _dy_at(gq_ptr, yq_ptr, oq, mq, offs_c, C, aq, bq, cq, TRAIN, ACC)
-    dyk = _dy_at(gk_ptr, yk_ptr, ok, mkv, offs_c, C, ak, bk, ck, TRAIN, ACC)
-    dyv = _dy_at(gv_ptr, yv_ptr, ok, mkv, offs_c, C, av, bv, cv, TRAIN, ACC)
+    dyq = _dy_at(gq_ptr, yq_ptr, oq, mq, offs_c, C, aq, bq, cq, muq, isq, TRAIN, ACC)
+    dyk = _dy_at(gk_ptr, yk_ptr, ok, mkv, offs_c, C, ak, bk, ck, muk, isk, TRAIN, ACC)
+    dyv = _dy_at(gv_ptr, yv_ptr, ok, mkv, offs_c, C, av, bv, cv, muv, isv, TRAIN, ACC)
     rq = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)  # eval mode: recomputed conv outputs
     rk = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     rv = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
@@ -336,11 +344,11 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
             iq = b * (HQ * WQ) + (nhc // SQ) * WQ + (nwc // SQ)
             ik = b * (HK * WK) + (nhc // SKV) * WK + (nwc // SKV)
             gx += wq[None, :] * _dy_at(gq_ptr, yq_ptr, iq, gq_m[:, None] & mc[None, :], offs_c, C,
-                                       aq, bq, cq, TRAIN, ACC)
+                                       aq, bq, cq, muq, isq, TRAIN, ACC)
             gx += wk[None, :] * _dy_at(gk_ptr, yk_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
-                                       ak, bk, ck, TRAIN, ACC)
+                                       ak, bk, ck, muk, isk, TRAIN, ACC)
             gx += wv[None, :] * _dy_at(gv_ptr, yv_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
-                                       av, bv, cv, TRAIN, ACC)
+                                       av, bv, cv, muv, isv, TRAIN, ACC)
     gx_off = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=mp[:, None] & mc[None, :])
     if not TRAIN:
@@ -480,8 +488,8 @@ def backward(grad_q, grad_k, grad_v, x, weight, gamma, mean, invstd, y_q, y_k, y
         bn = _sum_rows(part)  # [3, 2, C]
         dbeta, dgamma = bn[:, 0], bn[:, 1]
         n = torch.tensor([NQ, NK, NK], dtype=acc).to(dev, non_blocking=True)[:, None]
-        cb = -a * istd * dgamma / n
-        cc = -a * dbeta / n - cb * mu
+        cb = dbeta / n
+        cc = dgamma / n
         bnpart = part  # unused by the kernel in train mode
     else:
         ys = gs  # not read in eval mode

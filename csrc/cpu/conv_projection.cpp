@@ -261,25 +261,22 @@ _Pragma("omp simd")
       for (int64_t c = 0; c < C; ++c) { DB[c] = 0; DG[c] = 0; }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < C; ++c) { DB[c] += P[r * 2 * C + c]; DG[c] += P[r * 2 * C + C + c]; }
-      // dy = a*g + b*y + c0 per channel
+      // dy = a * (g - k1 - xhat * k2) per channel (train; eval: k1 = k2 = 0). Kept in this form:
+      // expanding it into b*y + c cancels badly when |mean| >> std.
       std::vector<acc_t> ca(C), cb(C), cc(C);
+      const acc_t on = use_batch_stats ? acc_t(1) : acc_t(0);
       for (int64_t c = 0; c < C; ++c) {
         ca[c] = GA[c] * IS[c];
-        if (use_batch_stats) {
-          const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-          cb[c] = -ca[c] * IS[c] * DG[c] * inv_n;
-          cc[c] = -ca[c] * DB[c] * inv_n - cb[c] * Mu[c];
-        } else {
-          cb[c] = 0;
-          cc[c] = 0;
-        }
+        cb[c] = on * DB[c] / static_cast<acc_t>(n);
+        cc[c] = on * DG[c] / static_cast<acc_t>(n);
       }
       dy[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
       acc_t* DY = dy[p].data_ptr<acc_t>();
       at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
 _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) DY[i * C + c] = ca[c] * G[i * C + c] + cb[c] * Yp[i * C + c] + cc[c];
+          for (int64_t c = 0; c < C; ++c)
+            DY[i * C + c] = ca[c] * (G[i * C + c] - cb[c] - (Yp[i * C + c] - Mu[c]) * IS[c] * cc[c]);
         }
       });
       // dw: per output row partials [rows, 9, C], merged in row order

@@ -34,6 +34,23 @@ def out_size(n: int, stride: int) -> int:
     return (n - 1) // stride + 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    Works around a PyTorch CPU bug (seen in torch 2.13): ``F.batch_norm``'s backward returns a
+    wrong input gradient when the batch is 1 and the incoming gradient is not contiguous (as it
+    is after the flatten/transpose to tokens); ``gradcheck`` shows the Jacobian mismatch.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 def conv_qkv_projection(x: torch.Tensor, weights: Sequence[torch.Tensor], norms: Sequence[dict], *,
                         stride_q: int = 1, stride_kv: int = 2,
                         training: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +82,7 @@ def conv_qkv_projection(x: torch.Tensor, weights: Sequence[torch.Tensor], norms:
                 factor = 1.0 / float(nbt)
         use_batch = training or (rm is None and rv is None)
         y = F.batch_norm(y, rm, rv, n["weight"], n["bias"], use_batch, factor, n["eps"])
-        outs.append(y.flatten(2).transpose(1, 2))
+        outs.append(_ContiguousGrad.apply(y).flatten(2).transpose(1, 2))
     return tuple(outs)
 
 
