@@ -7,15 +7,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssl-fast", description="ssl_fast command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the available backends and kernels, and why others are not")
+    from ssl_fast.train.cli import add_pretrain_parser
+
+    add_pretrain_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "info":
         from ssl_fast.info import main as info_main
 
         return info_main()
+    if args.command == "pretrain":
+        from ssl_fast.train.cli import run_pretrain
+
+        return run_pretrain(args, parser._subparsers._group_actions[0].choices["pretrain"])
     return 2
 
 

@@ -108,6 +108,7 @@ class DINO(SSLMethod):
         self.clip_grad = clip_grad
         self._optim = optim or OptimConfig()
         self._forward_student: nn.Module = self.student
+        self.teacher.module.eval()  # the teacher never uses drop-path or dropout
 
     # ---- construction from the CLI -------------------------------------------------------
     @staticmethod
@@ -168,6 +169,12 @@ class DINO(SSLMethod):
     # ---- the SSLMethod interface --------------------------------------------------------
     def trainable(self) -> nn.Module:
         return self.student
+
+    def train(self, mode: bool = True) -> "DINO":
+        """Set the student's mode; the teacher always stays in eval mode (no drop-path, no dropout)."""
+        super().train(mode)
+        self.teacher.module.eval()
+        return self
 
     def optim_config(self) -> OptimConfig:
         return self._optim

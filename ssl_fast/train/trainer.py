@@ -1,0 +1,452 @@
+"""The self-supervised trainer: data order, augmentation seeds, schedules, evaluation, checkpoints.
+
+One loop serves every registered :class:`~ssl_fast.methods.SSLMethod`. Reproducibility rules:
+
+* Data order: epoch ``e``'s permutation comes from a generator seeded by ``(seed, e)``; step ``s``
+  takes the global batch ``perm[s*G:(s+1)*G]`` (incomplete last batch dropped) and rank ``r`` of
+  ``W`` takes rows ``r*G/W:(r+1)*G/W`` of it.
+* Augmentation: step ``(e, s)`` gets a CPU generator seeded by ``(seed, e, s)``; every rank draws
+  the parameters of the whole global batch from it and applies its own rows, so W processes
+  see exactly the crops one process sees for the same global batch.
+* Model randomness (drop-path, dropout) uses the global torch RNG, whose state, with numpy's and
+  Python's, is saved in every checkpoint. Checkpoints are written at the end of each epoch, so a
+  resumed run repeats an uninterrupted one bit for bit on the CPU.
+"""
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ssl_fast.data.datasets import ImageSet, load_dataset
+from ssl_fast.methods import Batch, MethodContext, create_method, get_method
+from ssl_fast.models import is_model, list_models
+from ssl_fast.train import distributed as D
+from ssl_fast.train.checkpoint import CHECKPOINT_NAME, resolve_resume, save_atomic
+from ssl_fast.train.knn import knn_accuracy
+from ssl_fast.train.plots import save_attention_png, save_curves_png
+from ssl_fast.train.schedules import cosine_schedule
+
+CHECKPOINT_VERSION = 1
+
+#: Defaults per data set (any CLI flag overrides). The digits preset is sized so the README run
+#: finishes in a few minutes on 2 CPU cores.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "digits": dict(arch="vit_digits", epochs=10, batch_size=64, image_size=32,
+                   options=dict(out_dim=1024, head_hidden_dim=512, head_bottleneck_dim=128, local_crops=6,
+                                global_crop_size=32, local_crop_size=16, flip_p=0.0)),
+    "default": dict(arch="vit_tiny_p4", epochs=100, batch_size=256, image_size=32,
+                    options=dict(out_dim=4096, local_crops=6, global_crop_size=32, local_crop_size=16)),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (``None`` = the data preset's value, then the method's default).
+
+    Attributes:
+        method: registered method name.
+        data: ``digits``, ``cifar10:<folder>`` or an image folder.
+        arch: backbone name.
+        epochs: total epochs (the schedules span these).
+        batch_size: GLOBAL batch size (all ranks together).
+        lr: base learning rate for a batch of 256 (scaled by batch/256); method default if None.
+        min_lr, warmup_epochs, weight_decay, weight_decay_end: schedule overrides.
+        out: output folder.
+        resume: checkpoint path, folder, or ``auto``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        seed: seed of initialisation, data order and augmentation.
+        amp: ``auto`` (bf16 autocast on GPUs), ``bf16`` or ``off``.
+        image_size: side the data is stored at.
+        knn_k, knn_temperature: k-NN evaluation parameters.
+        max_steps_per_epoch: cap on steps per epoch (quick runs, tests).
+        stop_after_epochs: stop this invocation after this many epochs in total (resume later).
+        log_every: progress line every this many steps (always at an epoch's end).
+        attention_images: images in the attention figure.
+        options: method options (``--out-dim``...), by argparse dest.
+    """
+    method: str = "dino"
+    data: str = "digits"
+    arch: Optional[str] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    warmup_epochs: Optional[float] = None
+    weight_decay: Optional[float] = None
+    weight_decay_end: Optional[float] = None
+    out: str = "runs/dino-digits"
+    resume: Optional[str] = None
+    device: str = "auto"
+    seed: int = 0
+    amp: str = "auto"
+    image_size: Optional[int] = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    max_steps_per_epoch: Optional[int] = None
+    stop_after_epochs: Optional[int] = None
+    log_every: int = 10
+    attention_images: int = 6
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the loss is NaN or infinite; the last checkpoint is left as it was."""
+
+
+def _seed_of(*ints: int) -> int:
+    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill ``None`` fields from the data preset and validate the names.
+
+    Raises:
+        ValueError: unknown method or architecture (the message lists the known ones), bad numbers.
+    """
+    get_method(cfg.method)  # raises with the list of methods
+    preset = PRESETS["digits" if cfg.data == "digits" else "default"]
+    out = TrainConfig(**{**asdict(cfg), "options": dict(cfg.options)})
+    for name in ("arch", "epochs", "batch_size", "image_size"):
+        if getattr(out, name) is None:
+            setattr(out, name, preset[name])
+    for k, v in preset["options"].items():
+        if out.options.get(k) is None:
+            out.options[k] = v
+    if not is_model(out.arch):
+        raise ValueError(f"unknown architecture {out.arch!r}; known architectures: {', '.join(list_models())}")
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(out, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(out, name)}")
+    if out.amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"--amp must be auto, bf16 or off, got {out.amp!r}")
+    return out
+
+
+def pick_device(spec: str, dist_info: Optional[D.DistInfo] = None) -> torch.device:
+    """``auto``: the local rank's GPU when CUDA is available, else the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_info.local_rank if dist_info else 0)
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec} asked for CUDA but no GPU is available")
+    return dev
+
+
+class Progress:
+    """Plain-text progress: a line rewritten in place on a terminal, periodic lines otherwise."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, text: str, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r" + text.ljust(110) + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+class Trainer:
+    """Pre-trains a method on a data set; see the module docstring for the reproducibility rules.
+
+    Args:
+        cfg: the run's configuration (``None`` fields are resolved from the data preset).
+        data: ``(train, test)`` image sets to use instead of loading ``cfg.data``.
+        batch_hook: debugging/test hook ``(epoch, step, images) -> images`` applied to each
+            rank's batch before augmentation (for example to inject a NaN).
+    """
+
+    def __init__(self, cfg: TrainConfig, data: Optional[Tuple[ImageSet, ImageSet]] = None,
+                 batch_hook: Optional[Callable[[int, int, torch.Tensor], torch.Tensor]] = None):
+        self.cfg = cfg = resolve_config(cfg)
+        self.batch_hook = batch_hook
+        want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        self.dist = D.init_from_env("cuda" if want_cuda else "cpu")
+        self.device = pick_device(cfg.device, self.dist)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.progress = Progress(self.dist.is_main)
+        self.amp = self.device.type == "cuda" and cfg.amp in ("auto", "bf16") or cfg.amp == "bf16"
+        if cfg.batch_size % self.dist.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
+                             f"{self.dist.world_size} processes")
+        self.train_set, self.test_set = data if data is not None else load_dataset(cfg.data, cfg.image_size)
+        n = len(self.train_set)
+        self.steps_per_epoch = n // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {n} training images")
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        mean, std = self.train_set.channel_stats()
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        ctx = MethodContext(arch=cfg.arch, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+                            global_batch_size=cfg.batch_size, image_size=self.train_set.image_size,
+                            mean=mean, std=std, options=dict(cfg.options))
+        self.method = create_method(cfg.method, ctx).to(self.device)
+        oc = self.method.optim_config()
+        self.base_lr = (cfg.lr if cfg.lr is not None else oc.base_lr) * cfg.batch_size / 256.0
+        self.min_lr = cfg.min_lr if cfg.min_lr is not None else oc.min_lr
+        warm = cfg.warmup_epochs if cfg.warmup_epochs is not None else oc.warmup_epochs
+        wd0 = cfg.weight_decay if cfg.weight_decay is not None else oc.weight_decay
+        wd1 = cfg.weight_decay_end if cfg.weight_decay_end is not None else oc.weight_decay_end
+        self.lr_schedule = cosine_schedule(self.base_lr, self.min_lr, cfg.epochs, self.steps_per_epoch, warm)
+        self.wd_schedule = cosine_schedule(wd0, wd1, cfg.epochs, self.steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.base_lr, betas=oc.betas)
+        self.start_epoch = 0
+        self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None}
+        self.resumed_from = None
+        ckpt = resolve_resume(cfg.resume, cfg.out)
+        if ckpt is not None:
+            self._load(ckpt)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.method.wrap_distributed(lambda m: DDP(m, device_ids=ids))
+        self.train_images = self.train_set.images.to(self.device)
+        if self.dist.is_main:
+            os.makedirs(cfg.out, exist_ok=True)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _rng_state(self) -> Dict[str, Any]:
+        st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def _set_rng_state(self, st: Dict[str, Any]) -> None:
+        torch.set_rng_state(st["torch"])
+        np.random.set_state(st["numpy"])
+        random.setstate(st["python"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
+
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.out, CHECKPOINT_NAME)
+
+    def _save(self, epoch: int) -> None:
+        if not self.dist.is_main:
+            return
+        save_atomic({"version": CHECKPOINT_VERSION, "epoch": epoch, "config": asdict(self.cfg),
+                     "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "rng": self._rng_state(), "history": self.history,
+                     "world_size": self.dist.world_size}, self.checkpoint_path())
+
+    def _load(self, path: str) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        old = ck.get("config", {})
+        for key in ("method", "arch", "batch_size", "image_size"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise ValueError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
+                                 f"this run has {key}={getattr(self.cfg, key)!r}")
+        if old.get("epochs") != self.cfg.epochs or old.get("seed") != self.cfg.seed:
+            self.progress.print(f"warning: resuming a run made with epochs={old.get('epochs')}, seed={old.get('seed')}"
+                                f" under epochs={self.cfg.epochs}, seed={self.cfg.seed}: schedules differ")
+        self.method.load_state_dict(ck["method"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self._set_rng_state(ck["rng"])
+        self.history = ck["history"]
+        self.start_epoch = ck["epoch"] + 1
+        self.resumed_from = path
+        self.progress.print(f"resumed from {path} (epoch {ck['epoch'] + 1} done)")
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, images.shape[0], chunk):
+            with self._autocast():
+                out.append(self.method.features(images[i:i + chunk].to(self.device)).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def knn_eval(self) -> float:
+        """k-NN top-1 (%) of the teacher's features: held-out set against the training set."""
+        ftr = self._features(self.train_set.images)
+        fte = self._features(self.test_set.images)
+        return knn_accuracy(ftr, self.train_set.labels, fte, self.test_set.labels,
+                            num_classes=len(self.train_set.classes) or int(self.train_set.labels.max()) + 1,
+                            k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+
+    def _attention_samples(self) -> Tuple[torch.Tensor, List[str]]:
+        ts, seen, idx = self.test_set, set(), []
+        for i, y in enumerate(ts.labels.tolist()):
+            if y not in seen:
+                seen.add(y)
+                idx.append(i)
+            if len(idx) == self.cfg.attention_images:
+                break
+        names = [ts.classes[ts.labels[i]] if ts.classes else str(int(ts.labels[i])) for i in idx]
+        return ts.images[idx], names
+
+    def save_attention(self, path: str) -> bool:
+        """Write the last block's class-token attention per head for a few held-out images."""
+        images, names = self._attention_samples()
+        with self._autocast():
+            att = self.method.attention_maps(images.to(self.device))
+        if att is None:
+            return False
+        done = len(self.history["epochs"])
+        save_attention_png(path, images, att.float().cpu(), names,
+                           f"{self.cfg.method.upper()} {self.cfg.arch}, teacher, last block, class-token attention "
+                           f"(epoch {done})")
+        return True
+
+    # ---- logs ------------------------------------------------------------------------------
+    def _write_logs(self) -> None:
+        out = self.cfg.out
+        rows = self.history["epochs"]
+        if rows:
+            keys = list(rows[0].keys())
+            with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+        with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["epoch", "step", "loss", "lr", "weight_decay", "momentum"])
+            w.writerows(self.history["steps"])
+        log = {"config": asdict(self.cfg), "world_size": self.dist.world_size, "device": str(self.device),
+               "steps_per_epoch": self.steps_per_epoch, "knn_random_init": self.history["knn_random_init"],
+               "epochs": rows, "summary": self.history.get("summary")}
+        tmp = os.path.join(out, ".log.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(log, f, indent=1)
+        os.replace(tmp, os.path.join(out, "log.json"))
+        save_curves_png(os.path.join(out, "curves.png"), [s[2] for s in self.history["steps"]],
+                        self.steps_per_epoch, [r["epoch"] for r in rows], [r["knn_top1"] for r in rows],
+                        self.history["knn_random_init"],
+                        f"{self.cfg.method.upper()} {self.cfg.arch} on {self.cfg.data}")
+
+    # ---- training --------------------------------------------------------------------------
+    def _set_schedules(self, it: int) -> Tuple[float, float]:
+        lr, wd = float(self.lr_schedule[it]), float(self.wd_schedule[it])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = wd if g.get("apply_weight_decay", True) else 0.0
+        return lr, wd
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg, steps = self.cfg, self.steps_per_epoch
+        gb = cfg.batch_size
+        self.method.train()
+        perm = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(_seed_of(cfg.seed, epoch, 1)))
+        rows = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        sums: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        for step in range(steps):
+            it = epoch * steps + step
+            lr, wd = self._set_schedules(it)
+            idx = perm[step * gb:(step + 1) * gb][rows]
+            images = self.train_images[idx.to(self.device)]
+            if self.batch_hook is not None:
+                images = self.batch_hook(epoch, step, images)
+            gen = torch.Generator().manual_seed(_seed_of(cfg.seed, epoch, step, 2))
+            with self._autocast():
+                out = self.method.training_step(Batch(images, gen, rows, gb), epoch, step)
+            loss = out["loss"]
+            loss_val = float(D.all_reduce_mean(loss.detach().float()))
+            if not math.isfinite(loss_val):
+                last = (f"the last good checkpoint, {self.checkpoint_path()} (epoch {len(self.history['epochs'])}),"
+                        " is intact" if os.path.isfile(self.checkpoint_path()) else "no checkpoint was written yet")
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_val}) at epoch {epoch + 1}, step {step + 1}/{steps}; training stopped; "
+                    f"{last}. Lower --lr, check the data for NaN/inf, or use --amp off.")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            out.update(self.method.before_optimizer_step(epoch, step))
+            self.optimizer.step()
+            out.update(self.method.after_optimizer_step(epoch, step))
+            m = float(out.get("momentum", float("nan")))
+            self.history["steps"].append([epoch + 1, step + 1, loss_val, lr, wd, m])
+            for k, v in out.items():
+                if k != "loss":
+                    sums[k] = sums.get(k, 0.0) + float(D.all_reduce_mean(torch.as_tensor(float(v))))
+            sums["loss"] = sums.get("loss", 0.0) + loss_val
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                dt = time.perf_counter() - t0
+                ips = (step + 1) * gb / max(dt, 1e-9)
+                eta = (steps - step - 1) * dt / (step + 1)
+                self.progress.update(f"epoch {epoch + 1}/{cfg.epochs} [{step + 1:>4}/{steps}] loss {loss_val:.4f} "
+                                     f"lr {lr:.2e} m {m:.5f} {ips:6.1f} img/s eta {eta:4.0f}s",
+                                     final=step + 1 == steps)
+        dt = time.perf_counter() - t0
+        res = {k: v / steps for k, v in sums.items()}
+        res["images_per_s"] = steps * gb / max(dt, 1e-9)
+        res["epoch_time_s"] = dt
+        return res
+
+    def fit(self) -> Dict[str, Any]:
+        """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epochs``); returns the summary."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        p = self.progress
+        p.print(f"{cfg.method.upper()} | {cfg.arch} | data {self.train_set.name}, held out {self.test_set.name} | "
+                f"device {self.device}{' bf16' if self.amp else ''} x{self.dist.world_size} | global batch "
+                f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, lr {self.base_lr:.2e}")
+        if self.history["knn_random_init"] is None:
+            if self.dist.is_main:
+                self.history["knn_random_init"] = self.knn_eval()
+            p.print(f"k-NN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) at random init: "
+                    f"{self.history['knn_random_init']:.2f}%")
+        base = self.history["knn_random_init"]
+        end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
+        for epoch in range(self.start_epoch, end):
+            res = self.train_epoch(epoch)
+            knn = self.knn_eval() if self.dist.is_main else float("nan")
+            row = {"epoch": epoch + 1, **{k: round(v, 6) for k, v in res.items()}, "knn_top1": knn,
+                   "knn_random_init": base}
+            self.history["epochs"].append(row)
+            warnings = self.method.collapse_warnings(res)
+            p.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {res['loss']:.4f}"
+                    + (f", teacher entropy {res['teacher_entropy']:.3f}" if "teacher_entropy" in res else "")
+                    + f" | k-NN top-1 {knn:.2f}% (random init {base:.2f}%) | {res['images_per_s']:.0f} img/s")
+            for w in warnings:
+                p.print(f"WARNING: {w}")
+            if self.dist.is_main:
+                self._write_logs()
+            self._save(epoch)
+            D.barrier()
+        done = len(self.history["epochs"])
+        summary = {"epochs_done": done, "knn_top1": self.history["epochs"][-1]["knn_top1"] if done else None,
+                   "knn_random_init": base, "wall_time_s": time.perf_counter() - t_start,
+                   "out": cfg.out}
+        self.history["summary"] = summary
+        if self.dist.is_main:
+            self._write_logs()
+            att = os.path.join(cfg.out, "attention.png")
+            if self.save_attention(att):
+                summary["attention_png"] = att
+            summary["curves_png"] = os.path.join(cfg.out, "curves.png")
+            if done:
+                gain = summary["knn_top1"] - base
+                p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
+                        f"{summary['wall_time_s']:.0f}s | held-out k-NN top-1 {summary['knn_top1']:.2f}% vs "
+                        f"random init {base:.2f}% ({gain:+.2f} points) | outputs in {cfg.out}/ "
+                        f"(log.json, metrics.csv, curves.png, attention.png, {CHECKPOINT_NAME})")
+        return summary
