@@ -571,7 +571,7 @@ def attention_backward(dout, q, k, v, out, lse, scale, table=None, window_size=N
     dtable = drel_h = drel_w = None
     if c.bias == BIAS_TABLE:
         # fixed-order reduction over (batch, query tile): deterministic
-        dtable = part.view(c.b, c.h, n_qtiles, -1).sum(dim=(0, 2)).t().to(table.dtype)
+        dtable = part.view(c.b, c.h, n_qtiles, -1).sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     if c.bias == BIAS_DECOMPOSED:
         dq_extra, drel_h, drel_w = _decomposed_grads(q, dth, dtw, rel_h, rel_w, q_size, k_size)
         dq += dq_extra
