@@ -17,12 +17,58 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+// exp for float that GCC vectorises inside the loops below (std::exp does not without
+// -ffast-math): exp(x) = 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 (two-part ln 2),
+// e^r by Cephes' degree-6 polynomial (about 2 ulp); 2^n is applied as 2^h * 2^(n-h) so that
+// n = 128 does not overflow the exponent field. Below -87.3365 (where exp leaves the normal
+// range) the result is 0, not a subnormal; above 88.7228 it is inf; NaN stays NaN.
+inline float exp_vec(float x) {
+  constexpr float kLo = -87.3365f, kHi = 88.7228f;
+  float xc = x < kLo ? kLo : x;
+  xc = xc > kHi ? kHi : xc;
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  const int32_t bits_a = (half + 127) << 23, bits_b = (ni - half + 127) << 23;
+  float scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(float));
+  std::memcpy(&scale_b, &bits_b, sizeof(float));
+  float y = er * scale_a * scale_b;
+  y = x < kLo ? 0.0f : y;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+
+inline double exp_vec(double x) { return std::exp(x); }
+
+// A row of S as Acc values: the row itself when S is Acc, else converted into `buf`, so that
+// the loops below read plain float/double arrays (which the compiler vectorises).
+template <typename S, typename Acc>
+const Acc* widen_row(const S* row, int64_t k, Acc* buf) {
+  if constexpr (std::is_same_v<S, Acc>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < k; ++j) buf[j] = static_cast<Acc>(row[j]);
+    return buf;
+  }
+}
 
 struct Shape {
   int64_t ncrops, n_global, batch, k;
@@ -49,19 +95,21 @@ Shape check_inputs(const char* op, const at::Tensor& student, const at::Tensor& 
 
 // t[k] = exp((teacher[k] - center[k]) / tau_t - lse) for one teacher row; returns lse when
 // `lse_in` is NaN (forward: computed here), else uses the given lse (backward).
-template <typename T, typename Acc>
-Acc teacher_probs(const T* __restrict__ row, const float* __restrict__ center, int64_t k, Acc inv_tau_t,
+template <typename Acc>
+Acc teacher_probs(const Acc* __restrict__ row, const float* __restrict__ center, int64_t k, Acc inv_tau_t,
                   Acc* __restrict__ out, bool have_lse, Acc lse) {
   if (!have_lse) {
     Acc mx = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < k; ++j) {
-      const Acc z = (static_cast<Acc>(row[j]) - static_cast<Acc>(center[j])) * inv_tau_t;
+      const Acc z = (row[j] - static_cast<Acc>(center[j])) * inv_tau_t;
       out[j] = z;
       mx = z > mx ? z : mx;
     }
     Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < k; ++j) {
-      const Acc e = std::exp(out[j] - mx);
+      const Acc e = exp_vec(out[j] - mx);
       out[j] = e;
       sum += e;
     }
@@ -70,8 +118,9 @@ Acc teacher_probs(const T* __restrict__ row, const float* __restrict__ center, i
     for (int64_t j = 0; j < k; ++j) out[j] *= inv;
     return mx + std::log(sum);
   }
+#pragma omp simd
   for (int64_t j = 0; j < k; ++j)
-    out[j] = std::exp((static_cast<Acc>(row[j]) - static_cast<Acc>(center[j])) * inv_tau_t - lse);
+    out[j] = exp_vec((row[j] - static_cast<Acc>(center[j])) * inv_tau_t - lse);
   return lse;
 }
 
@@ -86,28 +135,28 @@ void forward_impl(const at::Tensor& student, const at::Tensor& teacher, const at
   const int64_t B = sh.batch, K = sh.k, NG = sh.n_global, NC = sh.ncrops;
   const Acc inv_s = Acc(1) / static_cast<Acc>(tau_s), inv_t = Acc(1) / static_cast<Acc>(tau_t);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<Acc> probs(NG * K);
+    std::vector<Acc> probs(NG * K), wide(K);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t i = 0; i < NG; ++i)
-        teacher_lse[i * B + b] = teacher_probs<T, Acc>(tp + (i * B + b) * ts, cp, K, inv_t,
-                                                       probs.data() + i * K, false, Acc(0));
+        teacher_lse[i * B + b] = teacher_probs<Acc>(widen_row<T, Acc>(tp + (i * B + b) * ts, K, wide.data()),
+                                                    cp, K, inv_t, probs.data() + i * K, false, Acc(0));
       const Acc* t0 = probs.data();
       const Acc* t1 = NG == 2 ? probs.data() + K : probs.data();
       Acc loss_b = 0;
       for (int64_t v = 0; v < NC; ++v) {
-        const S* x = sp + (v * B + b) * ss;
+        const Acc* x = widen_row<S, Acc>(sp + (v * B + b) * ss, K, wide.data());
         Acc mx = -std::numeric_limits<Acc>::infinity(), dot0 = 0, dot1 = 0;
         // a NaN is skipped by the max but makes `sum` (hence lse and the loss) NaN below
 #pragma omp simd reduction(max : mx) reduction(+ : dot0, dot1)
         for (int64_t j = 0; j < K; ++j) {
-          const Acc xv = static_cast<Acc>(x[j]) * inv_s;
+          const Acc xv = x[j] * inv_s;
           mx = xv > mx ? xv : mx;
           dot0 += t0[j] * xv;
           dot1 += t1[j] * xv;
         }
         Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < K; ++j) sum += std::exp(static_cast<Acc>(x[j]) * inv_s - mx);
+        for (int64_t j = 0; j < K; ++j) sum += exp_vec(x[j] * inv_s - mx);
         const Acc lse = mx + std::log(sum);
         student_lse[v * B + b] = lse;
         if (v != 0) loss_b += lse - dot0;
@@ -133,18 +182,18 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
   const Acc coef = grad_loss * inv_s / static_cast<Acc>(B * n_terms);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     // rows: t_0, t_1 (when NG == 2), t_0 + t_1 (when NG == 2)
-    std::vector<Acc> probs((NG == 2 ? 3 : 1) * K);
+    std::vector<Acc> probs((NG == 2 ? 3 : 1) * K), wide(K), out(std::is_same_v<S, Acc> ? 0 : K);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t i = 0; i < NG; ++i)
-        teacher_probs<T, Acc>(tp + (i * B + b) * ts, cp, K, inv_t, probs.data() + i * K, true,
-                              teacher_lse[i * B + b]);
+        teacher_probs<Acc>(widen_row<T, Acc>(tp + (i * B + b) * ts, K, wide.data()), cp, K, inv_t,
+                           probs.data() + i * K, true, teacher_lse[i * B + b]);
       if (NG == 2) {
         Acc* both = probs.data() + 2 * K;
 #pragma omp simd
         for (int64_t j = 0; j < K; ++j) both[j] = probs[j] + probs[K + j];
       }
       for (int64_t v = 0; v < NC; ++v) {
-        const S* x = sp + (v * B + b) * ss;
+        const Acc* x = widen_row<S, Acc>(sp + (v * B + b) * ss, K, wide.data());
         S* g = gp + (v * B + b) * K;
         const Acc lse = student_lse[v * B + b];
         const Acc count = static_cast<Acc>(NG - (v < NG ? 1 : 0));
@@ -156,9 +205,16 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
           for (int64_t j = 0; j < K; ++j) g[j] = static_cast<S>(0);
           continue;
         }
+        Acc* g_acc;
+        if constexpr (std::is_same_v<S, Acc>) g_acc = g;
+        else g_acc = out.data();
+#pragma omp simd
         for (int64_t j = 0; j < K; ++j) {
-          const Acc p = std::exp(static_cast<Acc>(x[j]) * inv_s - lse);
-          g[j] = static_cast<S>(coef * (count * p - others[j]));
+          const Acc p = exp_vec(x[j] * inv_s - lse);
+          g_acc[j] = coef * (count * p - others[j]);
+        }
+        if constexpr (!std::is_same_v<S, Acc>) {
+          for (int64_t j = 0; j < K; ++j) g[j] = static_cast<S>(g_acc[j]);
         }
       }
     }
