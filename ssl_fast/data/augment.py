@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 _GREY = (0.299, 0.587, 0.114)
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,15 @@ def colour_jitter(x: torch.Tensor, p: Dict[str, torch.Tensor]) -> torch.Tensor:
     y = ((y - m) * _col(p["contrast"], x) + m).clamp(0, 1)
     g = _grey(y)
     y = ((y - g) * _col(p["saturation"], x) + g).clamp(0, 1)
-    to_yiq = y.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, y)
-    ang = _col(p["hue"], x) * 2 * math.pi
-    cos, sin = torch.cos(ang), torch.sin(ang)
-    i2 = yiq[:, 1:2] * cos - yiq[:, 2:3] * sin
-    q2 = yiq[:, 1:2] * sin + yiq[:, 2:3] * cos
-    y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), torch.cat([yiq[:, :1], i2, q2], 1)).clamp(0, 1)
+    # hue: rotate the (I, Q) chroma plane of YIQ; the whole change is one 3x3 matrix per sample
+    to_yiq = torch.tensor(_YIQ, dtype=torch.float64)
+    ang = p["hue"].to(torch.float64) * 2 * math.pi
+    rot = torch.zeros(ang.shape[0], 3, 3, dtype=torch.float64)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(ang), -torch.sin(ang)
+    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(ang), torch.cos(ang)
+    mat = (torch.linalg.inv(to_yiq) @ rot @ to_yiq).to(device=x.device, dtype=x.dtype)  # [B, 3, 3]
+    y = torch.stack([sum(mat[:, c, j].view(-1, 1, 1) * y[:, j] for j in range(3)) for c in range(3)], 1).clamp(0, 1)
     return torch.where(_mask(p["jitter"], x), y, x)
 
 

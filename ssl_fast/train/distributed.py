@@ -45,6 +45,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_float(value: float, src: int = 0) -> float:
+    """``value`` from rank ``src`` on every rank (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([float("nan") if value is None else float(value)], dtype=torch.float64)
+        dist.broadcast(t, src)
+        return float(t.item())
+    return value
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -39,7 +39,7 @@ CHECKPOINT_VERSION = 1
 #: Defaults per data set (any CLI flag overrides). The digits preset is sized so the README run
 #: finishes in a few minutes on 2 CPU cores.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "digits": dict(arch="vit_digits", epochs=10, batch_size=64, image_size=32,
+    "digits": dict(arch="vit_nano_p8", epochs=10, batch_size=64, image_size=32,
                    options=dict(out_dim=1024, head_hidden_dim=512, head_bottleneck_dim=128, local_crops=6,
                                 global_crop_size=32, local_crop_size=16, flip_p=0.0)),
     "default": dict(arch="vit_tiny_p4", epochs=100, batch_size=256, image_size=32,
@@ -318,7 +318,7 @@ class Trainer:
         return True
 
     # ---- logs ------------------------------------------------------------------------------
-    def _write_logs(self) -> None:
+    def _write_logs(self, figures: bool = False) -> None:
         out = self.cfg.out
         rows = self.history["epochs"]
         if rows:
@@ -338,6 +338,8 @@ class Trainer:
         with open(tmp, "w") as f:
             json.dump(log, f, indent=1)
         os.replace(tmp, os.path.join(out, "log.json"))
+        if not figures:
+            return
         save_curves_png(os.path.join(out, "curves.png"), [s[2] for s in self.history["steps"]],
                         self.steps_per_epoch, [r["epoch"] for r in rows], [r["knn_top1"] for r in rows],
                         self.history["knn_random_init"],
@@ -410,15 +412,15 @@ class Trainer:
                 f"device {self.device}{' bf16' if self.amp else ''} x{self.dist.world_size} | global batch "
                 f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, lr {self.base_lr:.2e}")
         if self.history["knn_random_init"] is None:
-            if self.dist.is_main:
-                self.history["knn_random_init"] = self.knn_eval()
+            base = self.knn_eval() if self.dist.is_main else None
+            self.history["knn_random_init"] = D.broadcast_float(base)
             p.print(f"k-NN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) at random init: "
                     f"{self.history['knn_random_init']:.2f}%")
         base = self.history["knn_random_init"]
         end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
         for epoch in range(self.start_epoch, end):
             res = self.train_epoch(epoch)
-            knn = self.knn_eval() if self.dist.is_main else float("nan")
+            knn = D.broadcast_float(self.knn_eval() if self.dist.is_main else None)
             row = {"epoch": epoch + 1, **{k: round(v, 6) for k, v in res.items()}, "knn_top1": knn,
                    "knn_random_init": base}
             self.history["epochs"].append(row)
@@ -438,7 +440,7 @@ class Trainer:
                    "out": cfg.out}
         self.history["summary"] = summary
         if self.dist.is_main:
-            self._write_logs()
+            self._write_logs(figures=True)
             att = os.path.join(cfg.out, "attention.png")
             if self.save_attention(att):
                 summary["attention_png"] = att

@@ -1,0 +1,85 @@
+"""Two CPU processes with gloo give the losses of one process with the same global batch.
+
+How the crops match: every rank draws the augmentation parameters of the whole global batch from
+the generator seeded by (seed, epoch, step) and applies only its own rows, and the data order is
+one global permutation per epoch, split into consecutive per-rank slices of each global batch.
+Drop-path is off here: its masks come from each process's own torch RNG.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ssl_fast.data import ImageSet, load_digits
+from ssl_fast.models import register_model
+from ssl_fast.models.vit import VisionTransformer
+from ssl_fast.train import TrainConfig, Trainer
+
+
+@register_model("_test_vit_dist")
+def _test_vit_dist(**kw):
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    cfg.update(kw)
+    return VisionTransformer(**cfg)
+
+
+def _data():
+    tr, te = load_digits(image_size=16)
+    return (ImageSet(tr.images[:64], tr.labels[:64], tr.classes, "train64"),
+            ImageSet(te.images[:20], te.labels[:20], te.classes, "test20"))
+
+
+def _cfg(out):
+    return TrainConfig(arch="_test_vit_dist", epochs=2, batch_size=16, max_steps_per_epoch=2, out=out,
+                       log_every=100, attention_images=1, seed=3,
+                       options=dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2,
+                                    global_crop_size=16, local_crop_size=8, drop_path=0.0))
+
+
+def _worker(rank, world, port, out, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from ssl_fast.train import distributed
+
+    try:
+        tr = Trainer(_cfg(out), data=_data())
+        assert tr.dist.world_size == world and tr.local_batch == 16 // world
+        tr.fit()
+        center = tr.method.loss_fn.center
+        if rank == 0:
+            with open(result, "w") as f:
+                json.dump({"steps": tr.history["steps"], "center": center.tolist(),
+                           "knn": tr.history["epochs"][-1]["knn_top1"]}, f)
+    finally:
+        distributed.cleanup()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_gloo_processes_match_one_process(tmp_path):
+    result = str(tmp_path / "ddp.json")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), result), nprocs=2, join=True)
+    with open(result) as f:
+        ddp = json.load(f)
+    single = Trainer(_cfg(str(tmp_path / "single")), data=_data())
+    single.fit()
+    one = single.history["steps"]
+    assert len(ddp["steps"]) == len(one) == 4
+    for a, b in zip(ddp["steps"], one):
+        assert a[:2] == b[:2]
+        assert a[2] == pytest.approx(b[2], rel=1e-4, abs=1e-5)  # loss
+        assert a[3:] == pytest.approx(b[3:])  # lr, weight decay, momentum
+    torch.testing.assert_close(torch.tensor(ddp["center"]), single.method.loss_fn.center, rtol=1e-3, atol=1e-5)
+    # one checkpoint writer: rank 0's checkpoint exists, with the 2-process world recorded
+    ck = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=False)
+    assert ck["world_size"] == 2 and ck["epoch"] == 1
+    assert ddp["knn"] == pytest.approx(single.history["epochs"][-1]["knn_top1"], abs=100 / 20 + 1e-9)
