@@ -12,9 +12,9 @@ for the three convolutions (the nine shifted loads of a tile hit the cache).
 Forward, train mode (batch statistics), three launches:
   1. conv: writes the raw conv outputs ``y`` (kept for the backward) and, per tile, the count,
      sum and M2 (sum of squared deviations from the tile mean) of every projection and channel;
-  2. stats: merges the tile partials in a fixed order (Chan's parallel variance), giving mean,
-     1/sqrt(var + eps), the unbiased variance (for the running statistics) and the affine
-     scale/shift;
+  2. stats: merges the tile partials (Chan's parallel variance; a few small deterministic torch
+     reductions over ``[tiles, 3, C]``), giving mean, 1/sqrt(var + eps), the unbiased variance
+     (for the running statistics) and the affine scale/shift;
   3. normalise: ``out = y * scale + shift``.
 Forward, eval mode: one launch, conv then ``acc * scale + shift`` with the running statistics.
 
@@ -26,39 +26,11 @@ the saved ``y``, not expanded into ``b*y + c``, which cancels badly when ``|mean
   2. one launch over centre tiles: ``dw_p[t] += dy_p(centre) * x(centre + tap t)`` as per-tile
      partials, and ``dx(centre) = sum_p sum_t w_p[t] * dy_p(output whose tap t is this pixel)``
      gathered (no atomics); in eval mode it also recomputes ``y`` for the dgamma partials;
-  3. the partials are summed over tiles in a fixed order (deterministic).
+  3. the partials are summed over tiles (a torch reduction over dim 0: no atomics, deterministic).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-
-def _interpreter_runtime_bounds_fix():
-    """Let the Triton interpreter take runtime loop bounds (``range(0, N, BLOCK)``) under numpy >= 2.4.
-
-    The interpreter keeps a scalar kernel argument as a 1-element 1-D array and converts it with
-    ``int(array)``, which numpy 2.4 refuses; this re-patches ``__index__`` to read the element.
-    The same fix lives in ``kernels/attention.py`` (marked by ``_ssl_fast_fixed``, so it is applied
-    once whichever file is imported first); compiled GPU kernels are untouched.
-    """
-    from triton.runtime import interpreter as interp
-
-    original = getattr(interp, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_ssl_fast_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._ssl_fast_fixed = True
-    interp._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _interpreter_runtime_bounds_fix()
 
 
 def _next_pow2(n: int) -> int:
@@ -148,48 +120,6 @@ def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
                  (ck * ak[None, :] + bk[None, :]).to(yk_ptr.dtype.element_ty), mask=mkv)
         tl.store(yv_ptr + ok[:, None] * C + offs_c[None, :],
                  (cv * av[None, :] + bv[None, :]).to(yv_ptr.dtype.element_ty), mask=mkv)
-
-
-@triton.jit
-def _stats_kernel(psum_ptr, pm2_ptr, pcnt_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, var_ptr,
-                  scale_ptr, shift_ptr, eps_ptr, NP, C,
-                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    p = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = offs_c < C
-    tot = tl.zeros((BLOCK_C,), dtype=ACC)
-    n = tl.zeros((BLOCK_R,), dtype=ACC)
-    for r0 in range(0, NP, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mr = rows < NP
-        s = tl.load(psum_ptr + (rows[:, None].to(tl.int64) * 3 + p) * C + offs_c[None, :],
-                    mask=mr[:, None] & mc[None, :], other=0.0)
-        tot += tl.sum(s, axis=0)
-        n += tl.load(pcnt_ptr + rows * 3 + p, mask=mr, other=0.0)
-    n_tot = tl.sum(n, axis=0)
-    mean = tot / n_tot
-    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
-    for r0 in range(0, NP, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mr = rows < NP
-        m = mr[:, None] & mc[None, :]
-        off = (rows[:, None].to(tl.int64) * 3 + p) * C + offs_c[None, :]
-        s = tl.load(psum_ptr + off, mask=m, other=0.0)
-        q = tl.load(pm2_ptr + off, mask=m, other=0.0)
-        cnt = tl.load(pcnt_ptr + rows * 3 + p, mask=mr, other=0.0)
-        d = tl.where(cnt[:, None] > 0, s / tl.maximum(cnt, 1.0)[:, None] - mean[None, :], 0.0)
-        m2 += tl.sum(q + cnt[:, None] * d * d, axis=0)
-    eps = tl.load(eps_ptr + p)
-    var_b = m2 / n_tot
-    invstd = 1.0 / tl.sqrt(var_b + eps)
-    gamma = tl.load(gamma_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
-    beta = tl.load(beta_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
-    scale = gamma * invstd
-    tl.store(mean_ptr + p * C + offs_c, mean, mask=mc)
-    tl.store(invstd_ptr + p * C + offs_c, invstd, mask=mc)
-    tl.store(var_ptr + p * C + offs_c, m2 / tl.maximum(n_tot - 1.0, 1.0), mask=mc)
-    tl.store(scale_ptr + p * C + offs_c, scale, mask=mc)
-    tl.store(shift_ptr + p * C + offs_c, beta - mean * scale, mask=mc)
 
 
 @triton.jit
@@ -379,21 +309,6 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
                      tl.sum(tl.where(mm, g * xhat, 0.0), axis=0), mask=mc)
 
 
-@triton.jit
-def _sum_rows_kernel(src_ptr, dst_ptr, R, K, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """dst[k] = sum_r src[r, k], rows added in a fixed order."""
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    acc = tl.zeros((BLOCK_K,), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        v = tl.load(src_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :],
-                    mask=(rows < R)[:, None] & mk[None, :], other=0.0)
-        acc += tl.sum(v, axis=0)
-    tl.store(dst_ptr + offs_k, acc, mask=mk)
-
-
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
@@ -403,13 +318,24 @@ def _acc(dtype):
 
 
 def _sum_rows(src: torch.Tensor) -> torch.Tensor:
-    R = src.shape[0]
-    K = src[0].numel()
-    dst = torch.empty(src.shape[1:], device=src.device, dtype=src.dtype)
-    BLOCK_K = 256
-    tl_acc = tl.float64 if src.dtype == torch.float64 else tl.float32
-    _sum_rows_kernel[(triton.cdiv(K, BLOCK_K),)](src, dst, R, K, ACC=tl_acc, BLOCK_R=16, BLOCK_K=BLOCK_K)
-    return dst
+    """Sum of per-tile partials over tiles (dim 0): a plain reduction, no atomics, so the result is
+    the same on every run."""
+    return src.sum(dim=0)
+
+
+def _merge_stats(psum, pm2, pcnt, gamma, beta, eps):
+    """Chan's parallel merge of per-tile (count, sum, M2) into mean, invstd, unbiased variance and the
+    affine scale/shift, all ``[3, C]``."""
+    cnt = pcnt[:, :, None]
+    n = pcnt.sum(dim=0)[:, None]
+    mean = psum.sum(dim=0) / n
+    d = torch.where(cnt > 0, psum / cnt.clamp_min(1) - mean, torch.zeros_like(psum))
+    m2 = (pm2 + cnt * d * d).sum(dim=0)
+    eps_t = torch.tensor([float(e) for e in eps], dtype=psum.dtype).to(psum.device, non_blocking=True)[:, None]
+    invstd = torch.rsqrt(m2 / n + eps_t)
+    var = m2 / (n - 1).clamp_min(1)
+    scale = gamma * invstd
+    return mean, invstd, var, scale, beta - mean * scale
 
 
 def _out_len(n, s):
@@ -438,11 +364,7 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
         _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, ys[0], ys[1], ys[2], g, be, psum, pm2, pcnt,
                                B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
                                TRAIN=True, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-        mean, invstd, var, scale, shift = (torch.empty((3, C), device=dev, dtype=acc) for _ in range(5))
-        eps_t = torch.tensor([float(e) for e in eps], dtype=acc).to(dev, non_blocking=True)
-        _stats_kernel[(3, triton.cdiv(C, BLOCK_C))](psum, pm2, pcnt, g, be, mean, invstd, var, scale, shift,
-                                                    eps_t, NP, C,
-                                                    ACC=tl_acc, BLOCK_R=16, BLOCK_C=BLOCK_C)
+        mean, invstd, var, scale, shift = _merge_stats(psum, pm2, pcnt, g, be, eps)
         NQ, NK = B * HQ * WQ, B * HK * WK
         _normalise_kernel[(triton.cdiv(max(NQ, NK), BLOCK_P), triton.cdiv(C, BLOCK_C))](
             ys[0], ys[1], ys[2], outs[0], outs[1], outs[2], scale, shift, NQ, NK, C,

@@ -264,7 +264,7 @@ def test_nan_propagates_and_deterministic():
 def test_gradcheck(backend, training):
     if backend not in available_backends("conv_projection", "cpu"):
         pytest.skip(f"{backend} not available")
-    C, H, W = 2, 5, 4
+    C, H, W = 2, 5, 3
     weights, norms = _make_params(C, torch.float64, seed=4)
     x = torch.randn(2, C, H, W, dtype=torch.float64, requires_grad=True)
     ws = [w.requires_grad_(True) for w in weights]
@@ -277,7 +277,7 @@ def test_gradcheck(backend, training):
               for n, g, b in zip(norms, (g0, g1, g2), (b0, b1, b2))]
         return ops.conv_qkv_projection(x, [wq, wk, wv], ns, training=training, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x, *ws, *gammas, *betas), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, *ws, *gammas, *betas), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -403,8 +403,8 @@ def test_conv_attention_matches_official(cls, hw, heads, training, seed):
     cot = torch.randn_like(expect)
     ge = torch.autograd.grad(expect, [x1, *plain.parameters()], cot)
     gg = torch.autograd.grad(got, [x2, *mine.parameters()], cot)
-    for a, b in zip(gg, ge):
-        assert rel_error(a, b) < 1e-10
+    for a, b in zip(gg, ge):  # absolute floor: proj_k.bias's gradient is zero up to rounding (softmax shift)
+        assert (a - b).norm() <= 1e-10 * (1 + b.norm()), rel_error(a, b)
     for (k1, b1), (k2, b2) in zip(mine.named_buffers(), plain.named_buffers()):
         assert k1 == k2 and rel_error(b1, b2) < 1e-12, k1
 
