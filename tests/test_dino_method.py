@@ -171,3 +171,18 @@ def test_identity_crop_reproduces_the_image():
     want = x.flip(-1)
     want = torch.where(want >= 0.5, 1 - want, want)
     torch.testing.assert_close(apply_view(x, flip, p), want, rtol=1e-5, atol=1e-5)
+
+
+def test_colour_jitter_identity_and_grey_invariance():
+    from ssl_fast.data.augment import ViewSpec, colour_jitter, draw_view_params
+
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = draw_view_params(ViewSpec(8, (0.5, 1.0)), 5, torch.Generator().manual_seed(1))
+    p["jitter"][:] = True
+    ident = dict(p, brightness=torch.ones(5, dtype=torch.float64), contrast=torch.ones(5, dtype=torch.float64),
+                 saturation=torch.ones(5, dtype=torch.float64), hue=torch.zeros(5, dtype=torch.float64))
+    torch.testing.assert_close(colour_jitter(x, ident), x, rtol=0, atol=1e-6)
+    grey = x[:, :1].expand(-1, 3, -1, -1)
+    hue_sat = dict(ident, hue=p["hue"], saturation=p["saturation"])
+    torch.testing.assert_close(colour_jitter(grey, hue_sat), grey, rtol=0, atol=1e-5)  # no chroma to rotate
+    assert not torch.allclose(colour_jitter(x, dict(ident, hue=torch.full((5,), 0.1, dtype=torch.float64))), x)
