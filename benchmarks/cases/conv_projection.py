@@ -39,9 +39,11 @@ _compiled = {}
 
 
 def _compiled_eager(x, convs, bns, h, w):
-    fn = _compiled.get("eager")
+    # one static-shape compilation per shape (a shared dynamic-shape graph trips Inductor here)
+    key = (tuple(x.shape), x.dtype, x.device.type, x.requires_grad)
+    fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled["eager"] = torch.compile(_eager)
+        fn = _compiled[key] = torch.compile(_eager, dynamic=False)
     return fn(x, convs, bns, h, w)
 
 
