@@ -58,6 +58,71 @@ inline float exp_vec(float x) {
 
 inline double exp_vec(double x) { return std::exp(x); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SSL_FAST_HAVE_AVX2 1
+// exp of 8 floats: x = n ln2 + r (two-part ln 2), e^r by a degree-6 polynomial, 2^n applied
+// as 2^(n/2) * 2^(n - n/2) so that n = 128 cannot overflow the exponent; below -87.3365 the
+// result is 0 (never a subnormal), above 88.7228 it is inf, and NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365f), hi = _mm256_set1_ps(88.7228f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 er = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 sa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 sb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(er, sa), sb);
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[j] = exp(x[j] * a - c) for j < k (out may be null, or equal to x); returns the sum.
+// GCC does not reliably vectorise exp_vec, so float runs 8 lanes at a time with AVX2/FMA
+// where the build has them; the lane sums are added in a fixed order (deterministic).
+template <typename Acc>
+Acc exp_affine(const Acc* x, int64_t k, Acc a, Acc c, Acc* out) {
+  Acc sum = 0;
+  int64_t j = 0;
+#ifdef SSL_FAST_HAVE_AVX2
+  if constexpr (std::is_same_v<Acc, float>) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c);
+    for (; j + 8 <= k; j += 8) {
+      const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), va, vc));
+      if (out != nullptr) _mm256_storeu_ps(out + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+  }
+#endif
+  for (; j < k; ++j) {
+    const Acc e = exp_vec(x[j] * a - c);
+    if (out != nullptr) out[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // A row of S as Acc values: the row itself when S is Acc, else converted into `buf`, so that
 // the loops below read plain float/double arrays (which the compiler vectorises).
 template <typename S, typename Acc>
@@ -106,21 +171,15 @@ Acc teacher_probs(const Acc* __restrict__ row, const float* __restrict__ center,
       out[j] = z;
       mx = z > mx ? z : mx;
     }
-    Acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < k; ++j) {
-      const Acc e = exp_vec(out[j] - mx);
-      out[j] = e;
-      sum += e;
-    }
+    const Acc sum = exp_affine<Acc>(out, k, Acc(1), mx, out);
     const Acc inv = Acc(1) / sum;
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j) out[j] *= inv;
     return mx + std::log(sum);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < k; ++j)
-    out[j] = exp_vec((row[j] - static_cast<Acc>(center[j])) * inv_tau_t - lse);
+  for (int64_t j = 0; j < k; ++j) out[j] = (row[j] - static_cast<Acc>(center[j])) * inv_tau_t;
+  exp_affine<Acc>(out, k, Acc(1), lse, out);
   return lse;
 }
 
@@ -154,9 +213,7 @@ void forward_impl(const at::Tensor& student, const at::Tensor& teacher, const at
           dot0 += t0[j] * xv;
           dot1 += t1[j] * xv;
         }
-        Acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < K; ++j) sum += exp_vec(x[j] * inv_s - mx);
+        const Acc sum = exp_affine<Acc>(x, K, inv_s, mx, nullptr);
         const Acc lse = mx + std::log(sum);
         student_lse[v * B + b] = lse;
         if (v != 0) loss_b += lse - dot0;
@@ -208,11 +265,9 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
         Acc* g_acc;
         if constexpr (std::is_same_v<S, Acc>) g_acc = g;
         else g_acc = out.data();
+        exp_affine<Acc>(x, K, inv_s, lse, g_acc);  // softmax(x_v / tau_s)
 #pragma omp simd
-        for (int64_t j = 0; j < K; ++j) {
-          const Acc p = exp_vec(x[j] * inv_s - lse);
-          g_acc[j] = coef * (count * p - others[j]);
-        }
+        for (int64_t j = 0; j < K; ++j) g_acc[j] = coef * (count * g_acc[j] - others[j]);
         if constexpr (!std::is_same_v<S, Acc>) {
           for (int64_t j = 0; j < K; ++j) g[j] = static_cast<S>(g_acc[j]);
         }
