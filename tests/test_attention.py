@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssl_fast import _backend, ops
@@ -156,9 +156,12 @@ def _qkv(g, dtype, b, h, nq, nk, d, dv):
 
 
 ATTN_BACKENDS = backend_params("attention")
+# three times the profile's examples: the draws span many independent options
+MORE = settings(max_examples=3 * settings.default.max_examples)
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@MORE
 @given(data=st.data())
 def test_no_bias_matches_reference(backend, data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
@@ -178,6 +181,7 @@ def test_no_bias_matches_reference(backend, data):
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@MORE
 @given(data=st.data())
 def test_table_bias_matches_reference(backend, data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
@@ -203,6 +207,7 @@ def test_table_bias_matches_reference(backend, data):
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@MORE
 @given(data=st.data())
 def test_decomposed_bias_matches_reference(backend, data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
@@ -236,6 +241,20 @@ def test_sam_style_query_grid_differs_from_key_grid():
                               q_size, k_size)
         _check("triton", torch.float32, q, k, v, None, rp, None, (16, 16),
                _copy_rel_pos(rp, torch.float64), _copy_rel_pos(rp))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 11), (1, 3, 9, 11), (3, 1, 11), (9, 1), (11,), (2, 3, 1, 11)])
+@pytest.mark.parametrize("kind", ["bool", "add"])
+def test_mask_broadcast_shapes(shape, kind):
+    """Every broadcast pattern of attn_mask reads the right element (stride 0 on size-1 dims)."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = _qkv(g, torch.float32, 2, 3, 9, 11, 16, 16)
+    if kind == "bool":
+        mask = torch.rand(shape, generator=g) < 0.6
+        mask[..., 0] = True
+    else:
+        mask = _rand(g, shape, scale=3.0)
+    _check("triton", torch.float32, q, k, v, None, None, mask, (16, 16), None, None)
 
 
 def test_fully_masked_rows_give_zero_output_and_gradient():
