@@ -186,3 +186,22 @@ def test_colour_jitter_identity_and_grey_invariance():
     hue_sat = dict(ident, hue=p["hue"], saturation=p["saturation"])
     torch.testing.assert_close(colour_jitter(grey, hue_sat), grey, rtol=0, atol=1e-5)  # no chroma to rotate
     assert not torch.allclose(colour_jitter(x, dict(ident, hue=torch.full((5,), 0.1, dtype=torch.float64))), x)
+
+
+def test_per_sample_blur_matches_a_2d_gaussian_convolution():
+    import torch.nn.functional as F
+    from ssl_fast.data.augment import gaussian_blur
+
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.6, 1.0, 0.3, 1.2], dtype=torch.float64)
+    apply = torch.tensor([True, False, True, True])
+    y = gaussian_blur(x, sigma, apply)
+    assert torch.equal(y[1], x[1])
+    r = 4  # ceil(3 * 1.2)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    for i in (0, 2, 3):
+        k = torch.exp(-t ** 2 / (2 * sigma[i] ** 2))
+        k = (k / k.sum()).float()
+        xp = F.pad(x[i:i + 1], (r, r, r, r), mode="reflect")
+        ref = F.conv2d(xp.transpose(0, 1), (k[:, None] * k[None, :])[None, None]).transpose(0, 1)
+        torch.testing.assert_close(y[i:i + 1], ref, rtol=1e-5, atol=1e-6)

@@ -151,20 +151,27 @@ def colour_jitter(x: torch.Tensor, p: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable Gaussian blur (reflect padding) where ``apply``; sigma ``[B]`` in pixels."""
+    """Per-sample separable Gaussian blur (reflect padding) where ``apply``; sigma ``[B]`` in pixels.
+
+    Only the selected samples are computed; the kernel radius is ``ceil(3 * max sigma)`` (at
+    least 1, at most what reflect padding allows), each 1-D pass a weighted sum of shifted slices.
+    """
     n, c, h, w = x.shape
-    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), (min(h, w) - 1) // 2 if min(h, w) > 2 else 1))
+    idx = torch.nonzero(apply, as_tuple=False).flatten()
+    if idx.numel() == 0:
+        return x
+    sig = sigma[idx].clamp_min(1e-3)
+    radius = max(1, min(int(math.ceil(3 * float(sig.max()))), min(h, w) - 1))
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-t[None] ** 2 / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
-    k = k / k.sum(1, keepdim=True)
-    delta = (t == 0).to(torch.float64).expand_as(k)
-    k = torch.where(apply[:, None], k, delta).to(device=x.device, dtype=x.dtype)
-    k = k.repeat_interleave(c, dim=0)  # [n*c, 2r+1]
-    y = x.reshape(1, n * c, h, w)
-    mode = "reflect" if min(h, w) > radius else "replicate"
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode=mode), k[:, None, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode=mode), k[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
+    k = torch.exp(-t[None] ** 2 / (2 * sig[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).to(device=x.device, dtype=x.dtype)  # [m, 2r+1]
+    dev_idx = idx.to(x.device)
+    y = x.index_select(0, dev_idx)
+    yp = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = sum(k[:, i].view(-1, 1, 1, 1) * yp[..., i:i + w] for i in range(2 * radius + 1))
+    yp = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = sum(k[:, i].view(-1, 1, 1, 1) * yp[..., i:i + h, :] for i in range(2 * radius + 1))
+    return x.index_copy(0, dev_idx, y)
 
 
 def apply_view(images: torch.Tensor, spec: ViewSpec, p: Dict[str, torch.Tensor]) -> torch.Tensor:
