@@ -60,33 +60,9 @@ MAX_HEAD_DIM = 128
 # (BLOCK_M, BLOCK_N) forced for every kernel, for tests that want several tiles on small inputs.
 BLOCK_OVERRIDE = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # ssl_fast._triton patches the interpreter
 
 
-def _interpreter_runtime_bounds_fix():
-    """Let the Triton interpreter take runtime loop bounds under numpy >= 2.4.
-
-    The interpreter holds a scalar kernel argument as a 1-element 1-D numpy array and turns it
-    into a Python int (for ``range(0, N, BLOCK)``) with ``int(array)``, which numpy 2.4 refuses
-    for arrays that are not 0-d. After the interpreter patches ``tl.tensor``, this re-patches
-    ``__index__`` to go through ``.item()``. Compiled (GPU) kernels are untouched.
-    """
-    from triton.runtime import interpreter as interp
-
-    original = getattr(interp, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_ssl_fast_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._ssl_fast_fixed = True
-    interp._patch_lang_tensor = patched
-
-
-if _INTERPRET:
-    _interpreter_runtime_bounds_fix()
 
 
 def _pow2(n: int, floor: int = 16) -> int:

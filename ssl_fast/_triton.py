@@ -21,6 +21,32 @@ except Exception as exc:  # ImportError, or a broken install
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_runtime_bounds_fix():
+    """Let the Triton interpreter take runtime loop bounds under numpy >= 2.4.
+
+    The interpreter holds a scalar kernel argument as a 1-element 1-D numpy array and turns it
+    into a Python int (for ``range(0, N, BLOCK)``) with ``int(array)``, which numpy 2.4 refuses
+    for arrays that are not 0-d. After the interpreter patches ``tl.tensor``, this re-patches
+    ``__index__`` to go through ``.item()``. Compiled (GPU) kernels are untouched.
+    """
+    from triton.runtime import interpreter as interp
+
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_ssl_fast_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ssl_fast_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRET and _IMPORT_ERROR is None:
+    _interpreter_runtime_bounds_fix()
+
+
 def triton_reasons(device: torch.device) -> list:
     """Reasons the Triton backend cannot run on ``device`` (empty when it can)."""
     if _IMPORT_ERROR is not None:

@@ -278,8 +278,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
         backend: force ``"triton"``, ``"cpp"`` or ``"reference"``; default: the global choice.
 
     Returns:
-        ``[B, H, Nq, Dv]`` in the input dtype. Gradients flow to q, k, v, the position tables and
-        a floating ``attn_mask``.
+        ``[B, H, Nq, Dv]`` in the input dtype. Gradients flow to q, k, v and the position
+        tables (``table``, ``rel_h``, ``rel_w``) on every backend; a floating ``attn_mask`` or
+        ``window_mask`` that requires grad is served by the reference backend only (the Triton
+        kernel reports why it cannot take it).
     """
     scale = _check_inputs(q, k, v, scale, rel_pos, attn_mask, dropout_p)
     if scale is None:
