@@ -1,7 +1,8 @@
 """``ssl_fast.patch(model)``: swap recognised attention modules for ssl_fast's drop-ins, in place.
 
 Recognition is a table of :class:`PatchRule` objects (:data:`RULES`), tried in order on every
-submodule: ``matches`` looks at the class name and attributes only (timm is never imported);
+submodule: ``matches`` looks at the class name and attributes only (timm and transformers are
+never imported);
 ``convert`` builds the replacement or raises :class:`Unsupported` with the reason. A new rule
 joins with :func:`register_rule` without touching the walker::
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ssl_fast.nn.attention import Attention
+from ssl_fast.nn.conv_attention import CvtSelfAttention
 from ssl_fast.nn.multihead_attention import MultiheadAttention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
@@ -303,6 +305,79 @@ def _convert_timm_sam(m: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face transformers CvtSelfAttention (CvT)
+# ----------------------------------------------------------------------------------------------
+_HF_CVT_PROJ = ("convolution_projection_query", "convolution_projection_key", "convolution_projection_value")
+_HF_CVT_LINEAR = ("projection_query", "projection_key", "projection_value")
+
+
+def _match_hf_cvt(m: nn.Module) -> bool:
+    return (_cls(m) == "CvtSelfAttention" and not _is_ours(m) and hasattr(m, "convolution_projection_query")
+            and hasattr(m, "projection_query") and hasattr(m, "embed_dim") and hasattr(m, "num_heads"))
+
+
+def _check_hf_cvt_projection(m: nn.Module, name: str, embed_dim: int) -> None:
+    """The q/k/v projection must be the ``dw_bn`` one: depthwise conv + BatchNorm, then flatten."""
+    p = getattr(m, name, None)
+    if _cls(p) != "CvtSelfAttentionProjection":
+        raise Unsupported(f"{name} is {type(p).__name__}, not a CvtSelfAttentionProjection")
+    conv_proj = p._modules.get("convolution_projection")
+    if conv_proj is None:
+        raise Unsupported(f"{name} has no convolution_projection: qkv_projection_method is not 'dw_bn' "
+                          f"(Hugging Face builds nothing for 'avg'/'linear' and its forward fails)")
+    flatten = p._modules.get("linear_projection")
+    if _cls(conv_proj) != "CvtSelfAttentionConvProjection" or _cls(flatten) != "CvtSelfAttentionLinearProjection":
+        raise Unsupported(f"{name}'s children are {_cls(conv_proj)}/{_cls(flatten)}, not Hugging Face's")
+    extra = (_unexpected(p, children=("convolution_projection", "linear_projection"))
+             + _unexpected(conv_proj, children=("convolution", "normalization")) + _unexpected(flatten))
+    if extra:
+        raise Unsupported(f"{name} is not the plain dw_bn projection: extra state {extra}")
+    conv, norm = conv_proj.convolution, conv_proj.normalization
+    if not isinstance(conv, nn.Conv2d) or not conv.in_channels == conv.out_channels == conv.groups == embed_dim:
+        raise Unsupported(f"{name}.convolution_projection.convolution is not a depthwise Conv2d over "
+                          f"embed_dim={embed_dim} channels")
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise Unsupported(f"{name}.convolution_projection.normalization is {type(norm).__name__}, not a BatchNorm")
+
+
+def _convert_hf_cvt(m: nn.Module) -> nn.Module:
+    extra = _unexpected(m, children=_HF_CVT_PROJ + _HF_CVT_LINEAR + ("dropout",))
+    if extra:
+        raise Unsupported(f"not the plain Hugging Face CvtSelfAttention: extra state {extra}")
+    embed_dim, heads = int(m.embed_dim), int(m.num_heads)
+    if heads < 1 or embed_dim % heads:
+        raise Unsupported(f"embed_dim={embed_dim} is not divisible by num_heads={heads}")
+    for name in _HF_CVT_PROJ:
+        _check_hf_cvt_projection(m, name, embed_dim)
+    for name in _HF_CVT_LINEAR:
+        layer = _require_linear(m, name)
+        if layer.in_features != embed_dim or layer.out_features != embed_dim:
+            raise Unsupported(f"{name} maps {layer.in_features} -> {layer.out_features}, not embed_dim={embed_dim}")
+    _require_dropout(m, "dropout")
+    scale = getattr(m, "scale", embed_dim ** -0.5)
+    if isinstance(scale, torch.Tensor):
+        raise Unsupported("scale is a tensor, not a constant")
+    # the shell's projections are replaced by the original objects, so its conv options do not matter
+    new = CvtSelfAttention(heads, embed_dim, qkv_bias=m.projection_query.bias is not None,
+                           attention_drop_rate=m.dropout.p, with_cls_token=bool(m.with_cls_token), device="meta")
+    new.scale = float(scale)
+    modes = {id(sub): sub.training for sub in m.modules()}
+    _adopt(new, m, _HF_CVT_PROJ + _HF_CVT_LINEAR + ("dropout",))
+    _finish(new, m)
+    for sub in new.modules():  # _finish set every child to the parent's mode; keep e.g. frozen BatchNorms
+        if sub is not new:
+            sub.training = modes[id(sub)]
+    return new
+
+
+def _note_hf_cvt(m: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    if parent is not None and _cls(parent) == "CvtAttention":
+        return ("Hugging Face CvtAttention wrappers are listed as skipped (no rule for the wrapper): their "
+                "CvtSelfAttention child is what gets replaced; CvtSelfOutput's dense projection runs as before")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # the table and the walker
 # ----------------------------------------------------------------------------------------------
 RULES: List[PatchRule] = [
@@ -310,6 +385,7 @@ RULES: List[PatchRule] = [
     PatchRule("timm_swin", _match_timm_swin, _convert_timm_swin),
     PatchRule("timm_sam", _match_timm_sam, _convert_timm_sam),  # before timm_vit: same class name
     PatchRule("timm_vit", _match_timm_vit, _convert_timm_vit),
+    PatchRule("hf_cvt", _match_hf_cvt, _convert_hf_cvt, _note_hf_cvt),
 ]
 
 _ATTENTION_LIKE = re.compile(r"attention|attn|mhsa", re.IGNORECASE)
@@ -337,7 +413,7 @@ def _looks_like_attention(m: nn.Module) -> bool:
 def patch(model: nn.Module, rules: Optional[List[PatchRule]] = None) -> PatchReport:
     """Replace, in place, every submodule of ``model`` that a rule recognises with its ssl_fast
     drop-in (torch ``MultiheadAttention``, timm ViT ``Attention``, Swin ``WindowAttention``,
-    SAM-ViT ``Attention`` by default).
+    SAM-ViT ``Attention``, Hugging Face ``CvtSelfAttention`` by default).
 
     Args:
         model: any module; itself included (then use ``report.model``).

@@ -305,9 +305,17 @@ class CvtSelfAttention(nn.Module):
         return _project_qkv(hidden_state, height, width, self.with_cls_token, self._dw_bn(), self._projections())
 
     def forward(self, hidden_state: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Args: hidden_state ``[B, T, embed_dim]`` (class token first when ``with_cls_token``;
-        ``T = height*width (+1)``), height, width: the patch-token grid.
-        Returns: ``[B, T, embed_dim]``, the merged heads (no output projection)."""
+        """Self-attention over CvT tokens.
+
+        Args:
+            hidden_state: ``[B, T, embed_dim]``, ``T = height*width`` plus the leading class token
+                when ``with_cls_token``.
+            height, width: the patch-token grid.
+
+        Returns:
+            ``[B, Tq, embed_dim]``, the merged heads (no output projection); ``Tq = T`` for
+            ``stride_q = 1``.
+        """
         q, k, v = self.forward_conv(hidden_state, height, width)
         p = self.dropout.p if self.dropout.training else 0.0
         return _attend(self.projection_query(q), self.projection_key(k), self.projection_value(v), self.num_heads,
