@@ -91,6 +91,7 @@ class DINO(SSLMethod):
     def __init__(self, backbone: nn.Module, embed_dim: int, epochs: int, steps_per_epoch: int,
                  augment: MultiCrop, out_dim: int = 65536, head_hidden_dim: int = 2048,
                  head_bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,
+                 head_bn: bool = False,
                  momentum_teacher: float = 0.996, warmup_teacher_temp: float = 0.04,
                  teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                  student_temp: float = 0.1, center_momentum: float = 0.9, freeze_last_layer: int = 1,
@@ -99,7 +100,7 @@ class DINO(SSLMethod):
         self.augment = augment
         self.student = MultiCropWrapper(backbone, DINOHead(embed_dim, out_dim, norm_last_layer=norm_last_layer,
                                                            nlayers=head_layers, hidden_dim=head_hidden_dim,
-                                                           bottleneck_dim=head_bottleneck_dim))
+                                                           bottleneck_dim=head_bottleneck_dim, use_bn=head_bn))
         self.teacher = MomentumTeacher(self.student, momentum_teacher, 1.0, total_steps=max(1, epochs * steps_per_epoch))
         self.loss_fn = DINOLoss(out_dim, augment.n_views, warmup_teacher_temp, teacher_temp,
                                 min(warmup_teacher_temp_epochs, epochs), epochs, student_temp, center_momentum)
@@ -108,7 +109,7 @@ class DINO(SSLMethod):
         self.clip_grad = clip_grad
         self._optim = optim or OptimConfig()
         self._forward_student: nn.Module = self.student
-        self.teacher.module.eval()  # the teacher never uses drop-path or dropout
+        self._teacher_mode()
 
     # ---- construction from the CLI -------------------------------------------------------
     @staticmethod
@@ -132,6 +133,7 @@ class DINO(SSLMethod):
         _add(g, "--clip-grad", type=float, help="per-parameter gradient-norm clip, 0 = off (DINO: 3.0)")
         _add(g, "--drop-path", type=float, help="stochastic-depth rate of the backbone (DINO ViT-S: 0.1)")
         _add(g, "--norm-last-layer", type=int, choices=(0, 1), help="unit-norm prototypes (1) or learnt norms (0)")
+        _add(g, "--head-bn", type=int, choices=(0, 1), help="BatchNorm in the head's MLP (DINO's use_bn_in_head)")
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "DINO":
@@ -158,7 +160,7 @@ class DINO(SSLMethod):
         return cls(backbone, backbone.num_features, ctx.epochs, ctx.steps_per_epoch, augment,
                    out_dim=o.get("out_dim", 65536), head_hidden_dim=o.get("head_hidden_dim", 2048),
                    head_bottleneck_dim=o.get("head_bottleneck_dim", 256),
-                   norm_last_layer=bool(o.get("norm_last_layer", 1)),
+                   norm_last_layer=bool(o.get("norm_last_layer", 1)), head_bn=bool(o.get("head_bn", 0)),
                    momentum_teacher=o.get("momentum_teacher", 0.996),
                    warmup_teacher_temp=o.get("warmup_teacher_temp", 0.04),
                    teacher_temp=o.get("teacher_temp", 0.04),
@@ -173,8 +175,16 @@ class DINO(SSLMethod):
     def train(self, mode: bool = True) -> "DINO":
         """Set the student's mode; the teacher always stays in eval mode (no drop-path, no dropout)."""
         super().train(mode)
-        self.teacher.module.eval()
+        self._teacher_mode()
         return self
+
+    def _teacher_mode(self) -> None:
+        # No drop-path or dropout in the teacher; its BatchNorm layers (--head-bn) normalise with
+        # the batch's statistics, as in the official code where the teacher stays in train mode.
+        self.teacher.module.eval()
+        for m in self.teacher.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
 
     def optim_config(self) -> OptimConfig:
         return self._optim
