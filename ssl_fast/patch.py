@@ -372,8 +372,8 @@ def _convert_hf_cvt(m: nn.Module) -> nn.Module:
 
 def _note_hf_cvt(m: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     if parent is not None and _cls(parent) == "CvtAttention":
-        return ("Hugging Face CvtAttention wrappers are listed as skipped (no rule for the wrapper): their "
-                "CvtSelfAttention child is what gets replaced; CvtSelfOutput's dense projection runs as before")
+        return ("Hugging Face CvtAttention: its CvtSelfAttention child is replaced; the wrapper and "
+                "CvtSelfOutput's dense projection run as before")
     return None
 
 
@@ -455,16 +455,24 @@ def patch(model: nn.Module, rules: Optional[List[PatchRule]] = None) -> PatchRep
                     report.notes.append(note)
             return new
         else:
-            if _looks_like_attention(module) and id(module) not in seen_skip:
+            unknown = _looks_like_attention(module) and id(module) not in seen_skip
+            replaced_before = len(report.replaced)
+            visit_children(module, name)
+            # a wrapper whose attention inside was replaced (HF's CvtAttention, say) is no skip
+            if unknown and len(report.replaced) == replaced_before:
                 seen_skip.add(id(module))
                 report.skipped.append(Skipped(name, _cls(module), "unknown class: no rule recognises it"))
+            return module
+        visit_children(module, name)
+        return module
+
+    def visit_children(module: nn.Module, name: str) -> None:
         for child_name, child in list(module._modules.items()):
             if child is None:
                 continue
             new_child = visit(child, f"{name}.{child_name}" if name else child_name, module)
             if new_child is not child:
                 module._modules[child_name] = new_child
-        return module
 
     report.model = visit(model, "", None)
     return report

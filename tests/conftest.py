@@ -26,6 +26,9 @@ settings.register_profile("thorough", max_examples=300, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or
                       ("ci" if os.environ.get("CI", "").lower() == "true" else "dev"))
 
+# Test tensors are tiny: one intra-op thread avoids OpenMP oversubscription stalls (seen at
+# 1000x on a busy 2-core machine, and in multi-process tests). SSL_FAST_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("SSL_FAST_TEST_THREADS", "1")))
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -346,9 +346,8 @@ def test_patch_round_trip_train(spy):
     report = patch(patched)
     assert report.replaced == ATTN_NAMES
     assert all(report.rules[n] == ("CvtSelfAttention", "hf_cvt") for n in ATTN_NAMES)
-    # the CvtAttention wrappers are listed (no rule for them) and explained in a note; nothing else
-    assert sorted(s.name for s in report.skipped) == sorted(n.rsplit(".", 1)[0] for n in ATTN_NAMES)
-    assert all(s.class_name == "CvtAttention" for s in report.skipped)
+    # the CvtAttention wrappers hold a replaced module, so they are not reported as skipped
+    assert report.skipped == []
     assert any("CvtAttention" in n for n in report.notes)
     for name in ATTN_NAMES:
         assert isinstance(patched.get_submodule(name), FastCvtSelfAttention)
