@@ -3,7 +3,9 @@
 How the crops match: every rank draws the augmentation parameters of the whole global batch from
 the generator seeded by (seed, epoch, step) and applies only its own rows, and the data order is
 one global permutation per epoch, split into consecutive per-rank slices of each global batch.
-Drop-path is off here: its masks come from each process's own torch RNG.
+Drop-path is off here: its masks come from each process's own torch RNG. The head's BatchNorm
+(on in the digits preset) is off too: SyncBatchNorm needs GPUs, so on the CPU each process would
+normalise with its own half of the batch.
 """
 import json
 import os
@@ -36,7 +38,7 @@ def _cfg(out):
     return TrainConfig(arch="_test_vit_dist", epochs=2, batch_size=16, max_steps_per_epoch=2, out=out,
                        log_every=100, attention_images=1, seed=3,
                        options=dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2,
-                                    global_crop_size=16, local_crop_size=8, drop_path=0.0))
+                                    global_crop_size=16, local_crop_size=8, drop_path=0.0, head_bn=0))
 
 
 def _worker(rank, world, port, out, result):

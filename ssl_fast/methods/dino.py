@@ -190,6 +190,15 @@ class DINO(SSLMethod):
         return self._optim
 
     def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DDP-wrap the student. On GPUs, head BatchNorm layers (student and teacher) become
+        SyncBatchNorm, as in the official code, so N processes normalise with the global batch's
+        statistics. SyncBatchNorm needs GPUs: on the CPU each process uses its own batch's statistics
+        (so with ``head_bn`` N CPU processes are close to, not equal to, one process)."""
+        on_gpu = next(self.student.parameters()).is_cuda
+        if on_gpu and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()):
+            self.student.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.student.head)
+            self.teacher.module.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module.head)
+            self._teacher_mode()
         self._forward_student = wrap(self.student)
 
     def training_step(self, batch: Batch, epoch: int, step: int) -> Dict[str, Any]:
