@@ -41,7 +41,6 @@ Bias kinds (never an ``Nq x Nk`` tensor in memory):
 
 A query whose every logit is ``-inf`` gets a zero output, a zero gradient and ``lse = +inf``.
 """
-import math
 import os
 
 import torch

@@ -3,19 +3,16 @@ gradients, running statistics, gradcheck, opcheck, torch.compile, ConvAttention 
 re-statement of the official CvT attention, and bad input."""
 import contextlib
 import copy
-import math
 from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import ssl_fast
 from ssl_fast import ops
-from ssl_fast.ops import conv_projection as op_mod
 from ssl_fast.reference import conv_projection as ref
 from tests.helpers import assert_matches_reference, available_backends, backend_params, poison, rel_error
 

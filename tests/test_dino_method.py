@@ -83,7 +83,6 @@ def test_last_layer_frozen_in_the_first_epoch_then_trained_and_teacher_follows_b
         assert torch.equal(p, q)  # frozen during epoch 0
     assert not torch.equal(m.student.head.mlp[0].weight, first_mlp)
     t_before = m.teacher.module.head.mlp[0].weight.detach().clone()
-    s_before = m.student.head.mlp[0].weight.detach().clone()
     _run(m, images, epoch_steps=((1, 0),))
     assert any(not torch.equal(p, q) for p, q in zip(m.student.head.last_layer.parameters(), last))
     # teacher = m * teacher + (1 - m) * student (new student), never a gradient

@@ -1,12 +1,11 @@
 """ViT backbone, DINO head and model registry."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ssl_fast.models import DINOHead, VisionTransformer, create_model, list_models, register_model
-from ssl_fast.models.vit import drop_path
+from ssl_fast.models.layers import drop_path
 
 
 def _tiny(**kw):

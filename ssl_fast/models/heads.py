@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ssl_fast.models.layers import init_weights
+
 
 class DINOHead(nn.Module):
     """DINO's projection head: MLP -> bottleneck -> L2 normalise -> weight-normalised linear to K.
@@ -45,7 +47,7 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
                 layers.append(nn.Linear(hidden_dim, hidden_dim if i < nlayers - 2 else bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         with torch.no_grad():
             self.last_layer.parametrizations.weight.original0.fill_(1.0)
@@ -53,12 +55,6 @@ class DINOHead(nn.Module):
         if norm_last_layer:
             self.last_layer.parametrizations.weight.original0.requires_grad_(False)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def last_layer_parameters(self):
         """The parameters frozen during DINO's first epoch(s)."""

@@ -7,48 +7,15 @@ The output is the (normed) class token. Parameter names follow timm/DINO (``patc
 ``cls_token``, ``pos_embed``, ``blocks.i.attn.qkv``, ``norm``).
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_fast.models.layers import DropPath, Mlp, init_weights
 from ssl_fast.models.registry import register_model
 from ssl_fast.nn import Attention
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``p``, rescale the rest.
-
-    Args:
-        x: ``[B, ...]`` branch output.
-        p: drop probability in [0, 1).
-        training: only active in training mode.
-
-    Returns:
-        Tensor shaped like ``x``.
-    """
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path`."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class PatchEmbed(nn.Module):
@@ -69,20 +36,6 @@ class PatchEmbed(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Mlp(nn.Module):
-    """``Linear(D, r D) -> GELU -> dropout -> Linear(r D, D) -> dropout`` on ``[B, N, D]``."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Module):
@@ -150,17 +103,8 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def grid_size(self, h: int, w: int) -> Tuple[int, int]:
         """Patch grid ``(H/p, W/p)`` for an image of ``h x w`` pixels."""

@@ -1,7 +1,7 @@
 """``ssl-fast pretrain``: self-supervised pre-training from the command line (also under torchrun)."""
 import argparse
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from ssl_fast.methods import get_method, list_methods
 from ssl_fast.models import is_model, list_models
