@@ -10,13 +10,65 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 using at::Tensor;
+
+// Channel-block vector helpers: the kernels keep NV vectors of W channels in registers per
+// accumulator. Scalar<scalar_t, acc_t> (W = 1) is the portable fallback (and the channel tail);
+// Avx2F (W = 8, AVX2 + FMA) serves float inputs where the compiler targets it.
+template <typename scalar_t, typename acc_t>
+struct Scalar {
+  using V = acc_t;
+  static constexpr int W = 1;
+  static V zero() { return acc_t(0); }
+  static V load(const acc_t* p) { return *p; }
+  static V loadx(const scalar_t* p) { return static_cast<acc_t>(*p); }
+  static void store(acc_t* p, V v) { *p = v; }
+  static void storex(scalar_t* p, V v) { *p = static_cast<scalar_t>(v); }
+  static V fma(V a, V b, V c) { return a * b + c; }
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+struct Avx2F {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V loadx(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#endif
+
+template <typename T> struct Tag { using type = T; };
+template <int N> using Int = std::integral_constant<int, N>;
+
+// Runs f(Tag<Ops>, Int<NV>, c0) over channel blocks [c0, c0 + NV * Ops::W) covering
+// [0, C): wide blocks first, then a scalar tail.
+template <typename scalar_t, typename acc_t, typename F>
+inline void for_channel_blocks(int64_t C, F&& f) {
+  int64_t c0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    for (; c0 + 32 <= C; c0 += 32) f(Tag<Avx2F>{}, Int<4>{}, c0);
+    for (; c0 + 8 <= C; c0 += 8) f(Tag<Avx2F>{}, Int<1>{}, c0);
+  }
+#endif
+  for (; c0 + 4 <= C; c0 += 4) f(Tag<Scalar<scalar_t, acc_t>>{}, Int<4>{}, c0);
+  for (; c0 < C; ++c0) f(Tag<Scalar<scalar_t, acc_t>>{}, Int<1>{}, c0);
+}
 
 inline int64_t out_len(int64_t n, int64_t s) { return (n - 1) / s + 1; }
 
@@ -30,7 +82,6 @@ void conv3(const scalar_t* X, const acc_t* wt, acc_t* const* Y, int64_t B, int64
   int64_t Ho[3], Wo[3];
   for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(3 * C);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, h = r % H;
       bool on_row[3];
@@ -39,32 +90,40 @@ void conv3(const scalar_t* X, const acc_t* wt, acc_t* const* Y, int64_t B, int64
       acc_t* rowp[3];
       for (int p = 0; p < 3; ++p)
         rowp[p] = on_row[p] ? Y[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
+      const int i_lo = h == 0 ? 1 : 0, i_hi = h == H - 1 ? 1 : 2;
       for (int64_t w = 0; w < W; ++w) {
-        bool on[3];
-        for (int p = 0; p < 3; ++p) on[p] = on_row[p] && w % s[p] == 0;
-        if (!on[0] && !on[1] && !on[2]) continue;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int i = 0; i < 3; ++i) {
-          const int64_t hh = h + i - 1;
-          if (hh < 0 || hh >= H) continue;
-          for (int j = 0; j < 3; ++j) {
-            const int64_t ww = w + j - 1;
-            if (ww < 0 || ww >= W) continue;
-            const scalar_t* xp = X + ((b * H + hh) * W + ww) * C;
-            const int t = 3 * i + j;
-            for (int p = 0; p < 3; ++p) {
-              if (!on[p]) continue;
-              const acc_t* wp = wt + (p * 9 + t) * C;
-              acc_t* ap = acc.data() + p * C;
-_Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) ap[c] += wp[c] * static_cast<acc_t>(xp[c]);
-            }
-          }
-        }
+        acc_t* dst[3];
+        bool any = false;
         for (int p = 0; p < 3; ++p) {
-          if (!on[p]) continue;
-          std::copy(acc.data() + p * C, acc.data() + (p + 1) * C, rowp[p] + (w / s[p]) * C);
+          dst[p] = on_row[p] && w % s[p] == 0 ? rowp[p] + (w / s[p]) * C : nullptr;
+          any = any || dst[p];
         }
+        if (!any) continue;
+        const int j_lo = w == 0 ? 1 : 0, j_hi = w == W - 1 ? 1 : 2;
+        const scalar_t* xc = X + ((b * H + h) * W + w) * C;  // centre tap
+        for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
+          using O = typename decltype(ot)::type;
+          constexpr int NV = decltype(nvt)::value, VW = O::W;
+          typename O::V a[3][NV];
+          for (int p = 0; p < 3; ++p)
+            for (int k = 0; k < NV; ++k) a[p][k] = O::zero();
+          for (int i = i_lo; i <= i_hi; ++i)
+            for (int j = j_lo; j <= j_hi; ++j) {
+              const scalar_t* xp = xc + ((i - 1) * W + (j - 1)) * C + c0;
+              typename O::V xv[NV];
+              for (int k = 0; k < NV; ++k) xv[k] = O::loadx(xp + k * VW);
+              const int t = 3 * i + j;
+              for (int p = 0; p < 3; ++p) {
+                if (!dst[p]) continue;
+                const acc_t* wp = wt + (p * 9 + t) * C + c0;
+                for (int k = 0; k < NV; ++k) a[p][k] = O::fma(O::load(wp + k * VW), xv[k], a[p][k]);
+              }
+            }
+          for (int p = 0; p < 3; ++p) {
+            if (!dst[p]) continue;
+            for (int k = 0; k < NV; ++k) O::store(dst[p] + c0 + k * VW, a[p][k]);
+          }
+        });
       }
       if (!stats) continue;
       for (int p = 0; p < 3; ++p) {
@@ -113,7 +172,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     Wo[p] = out_len(W, s[p]);
     yacc[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
     out[p] = at::empty({B, Ho[p] * Wo[p], C}, x.options());
-    ysave[p] = use_batch_stats ? at::empty({B, Ho[p] * Wo[p], C}, x.options()) : at::empty({0}, x.options());
+    // same dtype: the saved conv output is the accumulation buffer itself (no copy pass)
+    ysave[p] = !use_batch_stats ? at::empty({0}, x.options())
+               : acc_type == x.scalar_type() ? yacc[p] : at::empty({B, Ho[p] * Wo[p], C}, x.options());
   }
   Tensor mean = at::empty({3, C}, aopt), invstd = at::empty({3, C}, aopt), var = at::empty({3, C}, aopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_fwd", [&] {
@@ -179,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       }
       const acc_t* y = Y[p];
       scalar_t* o = out[p].data_ptr<scalar_t>();
-      scalar_t* ys = use_batch_stats ? ysave[p].data_ptr<scalar_t>() : nullptr;
+      scalar_t* ys = use_batch_stats && !ysave[p].is_same(yacc[p]) ? ysave[p].data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, B * Ho[p] * Wo[p], 64, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
 _Pragma("omp simd")
@@ -279,64 +340,85 @@ _Pragma("omp simd")
             DY[i * C + c] = ca[c] * (G[i * C + c] - cb[c] - (Yp[i * C + c] - Mu[c]) * IS[c] * cc[c]);
         }
       });
-      // dw: per output row partials [rows, 9, C], merged in row order
-      Tensor wpart = at::zeros({rows, 9, C}, aopt);
-      acc_t* WP = wpart.data_ptr<acc_t>();
-      const scalar_t* X = x.data_ptr<scalar_t>();
-      const int64_t sp = s[p];
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / Ho[p], oh = r % Ho[p];
-          acc_t* wr = WP + r * 9 * C;
-          for (int64_t ow = 0; ow < Wo[p]; ++ow) {
-            const acc_t* d = DY + (r * Wo[p] + ow) * C;
-            for (int i = 0; i < 3; ++i) {
-              const int64_t hh = oh * sp + i - 1;
-              if (hh < 0 || hh >= H) continue;
-              for (int j = 0; j < 3; ++j) {
-                const int64_t ww = ow * sp + j - 1;
-                if (ww < 0 || ww >= W) continue;
-                const scalar_t* xp = X + ((b * H + hh) * W + ww) * C;
-                acc_t* wt_ = wr + (3 * i + j) * C;
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) wt_[c] += d[c] * static_cast<acc_t>(xp[c]);
-              }
-            }
-          }
-        }
-      });
-      acc_t* GW = gw.data_ptr<acc_t>() + p * 9 * C;
-      for (int64_t k = 0; k < 9 * C; ++k) GW[k] = 0;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t k = 0; k < 9 * C; ++k) GW[k] += WP[r * 9 * C + k];
     }
-    // dx: gather from every output whose taps cover the pixel
+    // dx and dw in one gather over the input pixels: every (input pixel, projection, tap) pair
+    // that links pixel x[h, w] to output dy_p[o] adds w_p[t] * dy_p[o] to dx[h, w] and
+    // dy_p[o] * x[h, w] to dw_p[t]. dw partials [chunks, 27, C] over fixed chunks of RB input
+    // rows (a function of the shape only), merged in chunk order: deterministic.
     const acc_t* DYp[3] = {dy[0].data_ptr<acc_t>(), dy[1].data_ptr<acc_t>(), dy[2].data_ptr<acc_t>()};
+    const scalar_t* X = x.data_ptr<scalar_t>();
     scalar_t* GX = gx.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(C);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / H, h = r % H;
-        for (int64_t w = 0; w < W; ++w) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
+    constexpr int64_t RB = 8;
+    const int64_t nrows = B * H, nchunks = (nrows + RB - 1) / RB;
+    Tensor wpart = at::empty({nchunks, 27, C}, aopt);
+    acc_t* WP = wpart.data_ptr<acc_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
+      for (int64_t ch = cbeg; ch < cend; ++ch) {
+        acc_t* wpc = WP + ch * 27 * C;
+        std::fill(wpc, wpc + 27 * C, acc_t(0));
+        for (int64_t r = ch * RB; r < std::min(nrows, (ch + 1) * RB); ++r) {
+          const int64_t b = r / H, h = r % H;
+          // valid (i, output row) pairs per projection for this input row
+          int ni[3], ii[3][3];
+          int64_t orow[3][3];
           for (int p = 0; p < 3; ++p) {
+            ni[p] = 0;
             for (int i = 0; i < 3; ++i) {
               const int64_t nh = h + 1 - i;
               if (nh < 0 || nh % s[p] != 0 || nh / s[p] >= Ho[p]) continue;
+              ii[p][ni[p]] = i;
+              orow[p][ni[p]] = (b * Ho[p] + nh / s[p]) * Wo[p];
+              ++ni[p];
+            }
+          }
+          for (int64_t w = 0; w < W; ++w) {
+            int nj[3], jj[3][3];
+            int64_t ocol[3][3];
+            for (int p = 0; p < 3; ++p) {
+              nj[p] = 0;
               for (int j = 0; j < 3; ++j) {
                 const int64_t nw = w + 1 - j;
                 if (nw < 0 || nw % s[p] != 0 || nw / s[p] >= Wo[p]) continue;
-                const acc_t* d = DYp[p] + ((b * Ho[p] + nh / s[p]) * Wo[p] + nw / s[p]) * C;
-                const acc_t* wp = WT + (p * 9 + 3 * i + j) * C;
-_Pragma("omp simd")
-                for (int64_t c = 0; c < C; ++c) acc[c] += wp[c] * d[c];
+                jj[p][nj[p]] = j;
+                ocol[p][nj[p]] = nw / s[p];
+                ++nj[p];
               }
             }
+            const int64_t pix = (b * H + h) * W + w;
+            for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
+              using O = typename decltype(ot)::type;
+              constexpr int NV = decltype(nvt)::value, VW = O::W;
+              typename O::V acc[NV], xv[NV];
+              for (int k = 0; k < NV; ++k) {
+                acc[k] = O::zero();
+                xv[k] = O::loadx(X + pix * C + c0 + k * VW);
+              }
+              for (int p = 0; p < 3; ++p)
+                for (int a = 0; a < ni[p]; ++a)
+                  for (int e = 0; e < nj[p]; ++e) {
+                    const int t = 3 * ii[p][a] + jj[p][e];
+                    const acc_t* d = DYp[p] + (orow[p][a] + ocol[p][e]) * C + c0;
+                    const acc_t* wp = WT + (p * 9 + t) * C + c0;
+                    acc_t* gp = wpc + (p * 9 + t) * C + c0;
+                    for (int k = 0; k < NV; ++k) {
+                      const typename O::V dv = O::load(d + k * VW);
+                      acc[k] = O::fma(O::load(wp + k * VW), dv, acc[k]);
+                      O::store(gp + k * VW, O::fma(dv, xv[k], O::load(gp + k * VW)));
+                    }
+                  }
+              for (int k = 0; k < NV; ++k) O::storex(GX + pix * C + c0 + k * VW, acc[k]);
+            });
           }
-          scalar_t* o = GX + ((b * H + h) * W + w) * C;
-_Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
         }
+      }
+    });
+    acc_t* GW = gw.data_ptr<acc_t>();
+    at::parallel_for(0, 27 * C, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) GW[k] = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const acc_t* src = WP + ch * 27 * C;
+_Pragma("omp simd")
+        for (int64_t k = begin; k < end; ++k) GW[k] += src[k];
       }
     });
   });
