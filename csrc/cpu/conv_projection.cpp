@@ -11,6 +11,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -37,6 +38,10 @@ struct Scalar {
   static void store(acc_t* p, V v) { *p = v; }
   static void storex(scalar_t* p, V v) { *p = static_cast<scalar_t>(v); }
   static V fma(V a, V b, V c) { return a * b + c; }
+  static V fnma(V a, V b, V c) { return c - a * b; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -49,6 +54,10 @@ struct Avx2F {
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 };
 #endif
 
@@ -192,32 +201,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     acc_t* IS = invstd.data_ptr<acc_t>();
     acc_t* V = var.data_ptr<acc_t>();
     if (use_batch_stats) {
-      // merge the per-row partials in row order (deterministic), all channels at once
+      // merge the per-row partials in row order (deterministic)
       for (int p = 0; p < 3; ++p) {
         const int64_t n_total = B * Ho[p] * Wo[p];
         TORCH_CHECK(n_total > 1, "conv_qkv_projection_fwd: batch statistics need more than one value per channel");
         const acc_t* ps = psum.data_ptr<acc_t>() + p * B * H * C;
         const acc_t* pm = pm2.data_ptr<acc_t>() + p * B * H * C;
-        std::vector<acc_t> tot(C, 0), m2(C, 0);
-        for (int64_t r = 0; r < B * H; ++r) {
-          if ((r % H) % s[p] != 0) continue;
-          for (int64_t c = 0; c < C; ++c) tot[c] += ps[r * C + c];
-        }
         const acc_t inv_total = acc_t(1) / static_cast<acc_t>(n_total);
         const acc_t n_row = static_cast<acc_t>(Wo[p]);
-        for (int64_t r = 0; r < B * H; ++r) {
-          if ((r % H) % s[p] != 0) continue;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = ps[r * C + c] / n_row - tot[c] * inv_total;
-            m2[c] += pm[r * C + c] + n_row * d * d;
+        // parallel over channel blocks; every channel still merges its rows in row order
+        at::parallel_for(0, C, 16, [&](int64_t cbeg, int64_t cend) {
+          const int64_t nc = cend - cbeg;
+          std::vector<acc_t> tot(nc, 0), m2(nc, 0);
+          acc_t* T = tot.data();
+          acc_t* M2 = m2.data();
+          for (int64_t r = 0; r < B * H; ++r) {
+            if ((r % H) % s[p] != 0) continue;
+            const acc_t* pr = ps + r * C + cbeg;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < nc; ++c) T[c] += pr[c];
           }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t vb = m2[c] * inv_total;
-          M[p * C + c] = tot[c] * inv_total;
-          IS[p * C + c] = acc_t(1) / std::sqrt(vb + static_cast<acc_t>(eps[p]));
-          V[p * C + c] = m2[c] / static_cast<acc_t>(n_total - 1);
-        }
+          for (int64_t r = 0; r < B * H; ++r) {
+            if ((r % H) % s[p] != 0) continue;
+            const acc_t* pr = ps + r * C + cbeg;
+            const acc_t* qr = pm + r * C + cbeg;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < nc; ++c) {
+              const acc_t d = pr[c] / n_row - T[c] * inv_total;
+              M2[c] += qr[c] + n_row * d * d;
+            }
+          }
+          for (int64_t c = 0; c < nc; ++c) {
+            const acc_t vb = M2[c] * inv_total;
+            M[p * C + cbeg + c] = T[c] * inv_total;
+            IS[p * C + cbeg + c] = acc_t(1) / std::sqrt(vb + static_cast<acc_t>(eps[p]));
+            V[p * C + cbeg + c] = M2[c] / static_cast<acc_t>(n_total - 1);
+          }
+        });
       }
     } else {
       TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
@@ -273,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
   const Tensor gin[3] = {gq, gk, gv};
   const Tensor ys[3] = {yq, yk, yv};
-  Tensor y[3], dy[3];
+  Tensor y[3];
   Tensor gx = at::empty({B, H, W, C}, x.options());
   Tensor gw = at::empty({3, 9, C}, aopt), gg = at::empty({3, C}, aopt), gb = at::empty({3, C}, aopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_bwd", [&] {
@@ -291,72 +311,131 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
       for (int p = 0; p < 3; ++p) if (ys[p].numel() == 0) y[p] = yc[p];
     }
     const acc_t* WT = wt.data_ptr<acc_t>();
+    // Per projection: dbeta/dgamma from per-row partials (registers across the row, one store
+    // per row), merged in row order per channel (deterministic, parallel over channels), then the
+    // per-channel dy coefficients. dy itself is not materialised: the gather below recomputes
+    // the dy rows it needs, per chunk, into a cache-resident scratch buffer.
+    Tensor g[3];
+    const acc_t* Gp[3];
+    const acc_t* Yp[3];
+    std::vector<acc_t> coef[3];  // [4, C]: ca, cb, e = IS * cc, Mu
     for (int p = 0; p < 3; ++p) {
-      const Tensor g = gin[p].to(acc_type).contiguous();
+      g[p] = gin[p].to(acc_type).contiguous();
       const int64_t rows = B * Ho[p], rowlen = Wo[p] * C, n = B * Ho[p] * Wo[p];
-      const acc_t* G = g.data_ptr<acc_t>();
-      const acc_t* Yp = y[p].data_ptr<acc_t>();
+      const acc_t* G = g[p].data_ptr<acc_t>();
+      const acc_t* Y = y[p].data_ptr<acc_t>();
+      Gp[p] = G;
+      Yp[p] = Y;
       const acc_t* Mu = mu.data_ptr<acc_t>() + p * C;
       const acc_t* IS = is.data_ptr<acc_t>() + p * C;
       const acc_t* GA = ga.data_ptr<acc_t>() + p * C;
-      // dbeta, dgamma: per-row partials, merged in row order
-      Tensor part = at::zeros({rows, 2, C}, aopt);
+      // partial row r: [sum g, sum g * (y - mu)] ([rows, 2, C]); every entry is written
+      Tensor part = at::empty({rows, 2, C}, aopt);
       acc_t* P = part.data_ptr<acc_t>();
+      const int64_t Wop = Wo[p];
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           acc_t* pb = P + r * 2 * C;
           acc_t* pg = pb + C;
-          for (int64_t o = 0; o < Wo[p]; ++o) {
-            const acc_t* go = G + r * rowlen + o * C;
-            const acc_t* yo = Yp + r * rowlen + o * C;
-_Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) {
-              pb[c] += go[c];
-              pg[c] += go[c] * (yo[c] - Mu[c]) * IS[c];
+          const acc_t* gr = G + r * rowlen;
+          const acc_t* yr = Y + r * rowlen;
+          for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
+            using O = typename decltype(ot)::type;
+            constexpr int NV = decltype(nvt)::value, VW = O::W;
+            typename O::V sb[NV], sg[NV], m[NV];
+            for (int k = 0; k < NV; ++k) {
+              sb[k] = O::zero();
+              sg[k] = O::zero();
+              m[k] = O::load(Mu + c0 + k * VW);
             }
-          }
+            for (int64_t o = 0; o < Wop; ++o)
+              for (int k = 0; k < NV; ++k) {
+                const typename O::V gv = O::load(gr + o * C + c0 + k * VW);
+                sb[k] = O::add(sb[k], gv);
+                sg[k] = O::fma(gv, O::sub(O::load(yr + o * C + c0 + k * VW), m[k]), sg[k]);
+              }
+            for (int k = 0; k < NV; ++k) {
+              O::store(pb + c0 + k * VW, sb[k]);
+              O::store(pg + c0 + k * VW, sg[k]);
+            }
+          });
         }
       });
       acc_t* DB = gb.data_ptr<acc_t>() + p * C;
       acc_t* DG = gg.data_ptr<acc_t>() + p * C;
-      for (int64_t c = 0; c < C; ++c) { DB[c] = 0; DG[c] = 0; }
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < C; ++c) { DB[c] += P[r * 2 * C + c]; DG[c] += P[r * 2 * C + C + c]; }
+      coef[p].assign(4 * C, acc_t(0));
+      acc_t* CF = coef[p].data();
+      const acc_t on = use_batch_stats ? acc_t(1) : acc_t(0);
       // dy = a * (g - k1 - xhat * k2) per channel (train; eval: k1 = k2 = 0). Kept in this form:
       // expanding it into b*y + c cancels badly when |mean| >> std.
-      std::vector<acc_t> ca(C), cb(C), cc(C);
-      const acc_t on = use_batch_stats ? acc_t(1) : acc_t(0);
-      for (int64_t c = 0; c < C; ++c) {
-        ca[c] = GA[c] * IS[c];
-        cb[c] = on * DB[c] / static_cast<acc_t>(n);
-        cc[c] = on * DG[c] / static_cast<acc_t>(n);
-      }
-      dy[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
-      acc_t* DY = dy[p].data_ptr<acc_t>();
-      at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
+      at::parallel_for(0, C, 16, [&](int64_t cbeg, int64_t cend) {
+        for (int64_t c = cbeg; c < cend; ++c) { DB[c] = 0; DG[c] = 0; }
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* pr = P + r * 2 * C;
 _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c)
-            DY[i * C + c] = ca[c] * (G[i * C + c] - cb[c] - (Yp[i * C + c] - Mu[c]) * IS[c] * cc[c]);
+          for (int64_t c = cbeg; c < cend; ++c) { DB[c] += pr[c]; DG[c] += pr[C + c]; }
+        }
+        for (int64_t c = cbeg; c < cend; ++c) {
+          DG[c] *= IS[c];
+          CF[c] = GA[c] * IS[c];
+          CF[C + c] = on * DB[c] / static_cast<acc_t>(n);
+          CF[2 * C + c] = IS[c] * (on * DG[c] / static_cast<acc_t>(n));
+          CF[3 * C + c] = Mu[c];
         }
       });
     }
     // dx and dw in one gather over the input pixels: every (input pixel, projection, tap) pair
     // that links pixel x[h, w] to output dy_p[o] adds w_p[t] * dy_p[o] to dx[h, w] and
     // dy_p[o] * x[h, w] to dw_p[t]. dw partials [chunks, 27, C] over fixed chunks of RB input
-    // rows (a function of the shape only), merged in chunk order: deterministic.
-    const acc_t* DYp[3] = {dy[0].data_ptr<acc_t>(), dy[1].data_ptr<acc_t>(), dy[2].data_ptr<acc_t>()};
+    // rows (a function of the shape only), merged in chunk order: deterministic. Each chunk
+    // first computes the dy rows it touches (output rows lo..hi per projection, a few recomputed
+    // at chunk edges; the values do not depend on which chunk computes them) into scratch.
     const scalar_t* X = x.data_ptr<scalar_t>();
     scalar_t* GX = gx.data_ptr<scalar_t>();
-    constexpr int64_t RB = 8;
+    constexpr int64_t RB = 16;
     const int64_t nrows = B * H, nchunks = (nrows + RB - 1) / RB;
     Tensor wpart = at::empty({nchunks, 27, C}, aopt);
     acc_t* WP = wpart.data_ptr<acc_t>();
+    int64_t soff[4] = {0, 0, 0, 0};
+    for (int p = 0; p < 3; ++p) soff[p + 1] = soff[p] + (RB + 2) * Wo[p] * C;
     at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
+      std::vector<acc_t> scratch(soff[3]);
       for (int64_t ch = cbeg; ch < cend; ++ch) {
         acc_t* wpc = WP + ch * 27 * C;
         std::fill(wpc, wpc + 27 * C, acc_t(0));
-        for (int64_t r = ch * RB; r < std::min(nrows, (ch + 1) * RB); ++r) {
+        const int64_t r0 = ch * RB, r1 = std::min(nrows, (ch + 1) * RB);
+        // dy rows [lo_p, hi_p] (global output rows b * Ho + oh) needed by input rows r0..r1-1
+        int64_t lo[3], hi[3];
+        const acc_t* DYp[3];
+        for (int p = 0; p < 3; ++p) {
+          lo[p] = INT64_MAX;
+          hi[p] = -1;
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / H, h = r % H;
+            for (int i = 0; i < 3; ++i) {
+              const int64_t nh = h + 1 - i;
+              if (nh < 0 || nh % s[p] != 0 || nh / s[p] >= Ho[p]) continue;
+              const int64_t o = b * Ho[p] + nh / s[p];
+              lo[p] = std::min(lo[p], o);
+              hi[p] = std::max(hi[p], o);
+            }
+          }
+          acc_t* D = scratch.data() + soff[p];
+          DYp[p] = D - (hi[p] >= lo[p] ? lo[p] * Wo[p] * C : 0);
+          if (hi[p] < lo[p]) continue;
+          TORCH_INTERNAL_ASSERT(hi[p] - lo[p] + 1 <= RB + 2);
+          const acc_t* CF = coef[p].data();
+          const acc_t *CA = CF, *CB = CF + C, *CE = CF + 2 * C, *MU = CF + 3 * C;
+          const acc_t* G = Gp[p] + lo[p] * Wo[p] * C;
+          const acc_t* Y = Yp[p] + lo[p] * Wo[p] * C;
+          const int64_t npix = (hi[p] - lo[p] + 1) * Wo[p];
+          for (int64_t i = 0; i < npix; ++i) {
+_Pragma("omp simd")
+            for (int64_t c = 0; c < C; ++c)
+              D[i * C + c] = CA[c] * ((G[i * C + c] - CB[c]) - (Y[i * C + c] - MU[c]) * CE[c]);
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) {
           const int64_t b = r / H, h = r % H;
           // valid (i, output row) pairs per projection for this input row
           int ni[3], ii[3][3];
