@@ -373,3 +373,15 @@ def test_forced_backend_that_cannot_serve_raises():
 
 def _backend_has_triton_here():
     return not _reasons("triton", torch.device("cpu"))
+
+
+def test_dino_loss_module_rejects_an_epoch_outside_the_schedule():
+    from ssl_fast.nn import DINOLoss
+
+    module = DINOLoss(8, 4, 0.04, 0.07, 2, 5)
+    student, teacher = torch.randn(4 * 3, 8), torch.randn(2 * 3, 8)
+    with pytest.raises(ValueError, match=r"epoch must be >= 0, got -1"):
+        module(student, teacher, -1)  # would silently pick the last epoch's temperature
+    with pytest.raises(ValueError, match=r"epoch must be < nepochs \(5\), got 5"):
+        module(student, teacher, 5)
+    assert module(student, teacher, 4).isfinite()

@@ -60,6 +60,9 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         """Loss of this batch (teacher temperature of ``epoch``), then the center update."""
+        epoch = check_int("epoch", epoch, low=0)
+        if epoch >= len(self.teacher_temp_schedule):
+            raise ValueError(f"epoch must be < nepochs ({len(self.teacher_temp_schedule)}), got {epoch}")
         teacher_temp = float(self.teacher_temp_schedule[epoch])
         batch = student_output.shape[0] // self.ncrops if isinstance(student_output, torch.Tensor) else 0
         n_global = 2
