@@ -176,3 +176,14 @@ def test_image_folder_loads_with_a_stratified_split(tmp_path):
     assert sorted(te.labels.tolist()) == [0, 1]
     dark = tr.images[tr.labels == 0]
     assert torch.allclose(dark, torch.full_like(dark, 0.2), atol=0.01)
+
+
+def test_a_fresh_start_never_overwrites_an_earlier_checkpoint(tmp_path, small_data):
+    Trainer(_cfg(tmp_path, epochs=1), data=small_data).fit()
+    ckpt = tmp_path / "checkpoint.pth"
+    saved = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="already holds an earlier run's checkpoint.*--resume auto.*--overwrite"):
+        Trainer(_cfg(tmp_path, epochs=1, seed=1), data=small_data)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == saved
+    Trainer(_cfg(tmp_path, epochs=1, seed=1, overwrite=True), data=small_data).fit()
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() != saved

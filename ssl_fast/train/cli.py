@@ -8,7 +8,7 @@ from ssl_fast.models import is_model, list_models
 
 # flags that belong to TrainConfig; every other dest is a method option
 _TRAIN_FLAGS = ("method", "data", "arch", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                "weight_decay", "weight_decay_end", "out", "resume", "device", "seed", "amp", "image_size",
+                "weight_decay", "weight_decay_end", "out", "resume", "overwrite", "device", "seed", "amp", "image_size",
                 "knn_k", "knn_temperature", "max_steps_per_epoch", "stop_after_epochs", "log_every",
                 "attention_images")
 
@@ -36,6 +36,8 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/dino-digits", help="output folder (logs, checkpoint, figures)")
     p.add_argument("--resume", default=None, help="checkpoint file or folder to continue from, or 'auto' "
                                                   "(the checkpoint in --out, if any)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh even though --out holds an earlier run's checkpoint (it is replaced)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),

@@ -67,6 +67,8 @@ class TrainConfig:
         min_lr, warmup_epochs, weight_decay, weight_decay_end: schedule overrides.
         out: output folder.
         resume: checkpoint path, folder, or ``auto``.
+        overwrite: start afresh even though ``out`` holds an earlier run's checkpoint (which the
+            first epoch's checkpoint then replaces); without it such a start is refused.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         seed: seed of initialisation, data order and augmentation.
         amp: ``auto`` (bf16 autocast on GPUs), ``bf16`` or ``off``.
@@ -90,6 +92,7 @@ class TrainConfig:
     weight_decay_end: Optional[float] = None
     out: str = "runs/dino-digits"
     resume: Optional[str] = None
+    overwrite: bool = False
     device: str = "auto"
     seed: int = 0
     amp: str = "auto"
@@ -224,6 +227,11 @@ class Trainer:
         self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None}
         self.resumed_from = None
         ckpt = resolve_resume(cfg.resume, cfg.out)
+        earlier = os.path.join(cfg.out, CHECKPOINT_NAME)
+        if ckpt is None and not cfg.overwrite and os.path.isfile(earlier):
+            raise ValueError(f"--out {cfg.out!r} already holds an earlier run's checkpoint ({earlier}); "
+                             "continue it with --resume auto, choose another --out, or pass --overwrite "
+                             "to start afresh and replace it")
         if ckpt is not None:
             self._load(ckpt)
         if self.dist.enabled:
