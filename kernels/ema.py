@@ -35,7 +35,27 @@ def _ema_chunks_kernel(ema_addr, src_addr, chunk_len, momentum, momentum_ptr,
         tl.store(e_ptr + offs, (m * e + (1 - m) * s).to(EMA_DTYPE), mask=mask)
 
 
+_TABLES = {}  # device chunk tables, keyed by the tensors' addresses and sizes
+_MAX_TABLES = 16
+
+
 def _chunk_table(ema_tensors, src_tensors, device):
+    """``[3, n_chunks]`` int64 on ``device``: chunk start addresses (ema, src) and lengths.
+
+    A momentum teacher updates the same tensors every step, so the table is built and copied to
+    the device once and then reused; it depends only on the addresses and sizes in the key.
+    """
+    key = (str(device),) + tuple((e.data_ptr(), s.data_ptr(), e.numel(), e.element_size(), s.element_size())
+                                 for e, s in zip(ema_tensors, src_tensors))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        table = _TABLES[key] = _build_chunk_table(ema_tensors, src_tensors, device)
+    return table
+
+
+def _build_chunk_table(ema_tensors, src_tensors, device):
     e_addr, s_addr, lens = [], [], []
     for e, s in zip(ema_tensors, src_tensors):
         n = e.numel()
