@@ -1,9 +1,12 @@
 // CvT convolutional q/k/v projection on the CPU: depthwise 3x3 conv (padding 1, strides s_q for q
 // and s_kv for k and v) + BatchNorm2d, token map [B, H, W, C] (channels last) in, tokens
-// [B, Ho*Wo, C] out. One pass over the token map computes all three convolutions: every centre
-// pixel loads its nine taps once and feeds q (when the centre lies on the q grid) and k, v (on the
-// k/v grid). Batch statistics come from per-row partials (sum, M2) merged in a fixed order (Chan),
-// so results do not depend on the number of threads. Math: ssl_fast/reference/conv_projection.py.
+// [B, Ho*Wo, C] out. The conv runs row by row as a register stencil (nine weight vectors and a
+// block of outputs in registers per channel vector). Train mode stores the conv outputs with
+// their per-row statistics in one pass, then normalises them (they are also what the backward
+// reads); eval mode normalises in registers and writes the tokens once, and its backward
+// recomputes the conv. Batch statistics come from per-row partials (sum, M2) merged in a fixed
+// order (Chan), so results do not depend on the number of threads.
+// Math: ssl_fast/reference/conv_projection.py.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -36,7 +39,7 @@ struct Scalar {
   static V load(const acc_t* p) { return *p; }
   static V loadx(const scalar_t* p) { return static_cast<acc_t>(*p); }
   static void store(acc_t* p, V v) { *p = v; }
-  static void storex(scalar_t* p, V v) { *p = static_cast<scalar_t>(v); }
+  template <typename T> static void put(T* p, V v) { *p = static_cast<T>(v); }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V fnma(V a, V b, V c) { return c - a * b; }
   static V add(V a, V b) { return a + b; }
@@ -52,7 +55,10 @@ struct Avx2F {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V loadx(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void storex(float* p, V v) { _mm256_storeu_ps(p, v); }
+  template <typename T> static void put(T* p, V v) {
+    static_assert(std::is_same_v<T, float>, "Avx2F stores float only");
+    _mm256_storeu_ps(p, v);
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -81,82 +87,132 @@ inline void for_channel_blocks(int64_t C, F&& f) {
 
 inline int64_t out_len(int64_t n, int64_t s) { return (n - 1) / s + 1; }
 
-// Conv outputs of the three projections in the accumulation dtype, channels last:
-// y[p] is [B, Ho_p*Wo_p, C]. wt is [3, 9, C] (taps outermost, so the channel loop is contiguous).
-// When stats is true, also per-centre-row partial sums and M2 (around the row mean) of every
-// projection: part_sum/part_m2 are [3, B*H, C]; rows off a projection's grid hold zeros.
-template <typename scalar_t, typename acc_t>
-void conv3(const scalar_t* X, const acc_t* wt, acc_t* const* Y, int64_t B, int64_t H, int64_t W,
-           int64_t C, const int64_t* s, bool stats, acc_t* part_sum, acc_t* part_m2) {
-  int64_t Ho[3], Wo[3];
-  for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, h = r % H;
-      bool on_row[3];
-      for (int p = 0; p < 3; ++p) on_row[p] = h % s[p] == 0;
-      if (!on_row[0] && !on_row[1] && !on_row[2]) continue;
-      acc_t* rowp[3];
-      for (int p = 0; p < 3; ++p)
-        rowp[p] = on_row[p] ? Y[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
-      const int i_lo = h == 0 ? 1 : 0, i_hi = h == H - 1 ? 1 : 2;
-      for (int64_t w = 0; w < W; ++w) {
-        acc_t* dst[3];
-        bool any = false;
-        for (int p = 0; p < 3; ++p) {
-          dst[p] = on_row[p] && w % s[p] == 0 ? rowp[p] + (w / s[p]) * C : nullptr;
-          any = any || dst[p];
-        }
-        if (!any) continue;
-        const int j_lo = w == 0 ? 1 : 0, j_hi = w == W - 1 ? 1 : 2;
-        const scalar_t* xc = X + ((b * H + h) * W + w) * C;  // centre tap
-        for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
-          using O = typename decltype(ot)::type;
-          constexpr int NV = decltype(nvt)::value, VW = O::W;
-          typename O::V a[3][NV];
-          for (int p = 0; p < 3; ++p)
-            for (int k = 0; k < NV; ++k) a[p][k] = O::zero();
-          for (int i = i_lo; i <= i_hi; ++i)
-            for (int j = j_lo; j <= j_hi; ++j) {
-              const scalar_t* xp = xc + ((i - 1) * W + (j - 1)) * C + c0;
-              typename O::V xv[NV];
-              for (int k = 0; k < NV; ++k) xv[k] = O::loadx(xp + k * VW);
-              const int t = 3 * i + j;
-              for (int p = 0; p < 3; ++p) {
-                if (!dst[p]) continue;
-                const acc_t* wp = wt + (p * 9 + t) * C + c0;
-                for (int k = 0; k < NV; ++k) a[p][k] = O::fma(O::load(wp + k * VW), xv[k], a[p][k]);
-              }
-            }
-          for (int p = 0; p < 3; ++p) {
-            if (!dst[p]) continue;
-            for (int k = 0; k < NV; ++k) O::store(dst[p] + c0 + k * VW, a[p][k]);
-          }
-        });
+// Runs f(Tag<Ops>, c0) over single-vector channel blocks [c0, c0 + Ops::W) covering [0, C): the
+// stencil below keeps nine weight vectors and NO accumulators in registers, so one vector wide.
+template <typename scalar_t, typename acc_t, typename F>
+inline void for_channel_vectors(int64_t C, F&& f) {
+  int64_t c0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>)
+    for (; c0 + 8 <= C; c0 += 8) f(Tag<Avx2F>{}, c0);
+#endif
+  for (; c0 < C; ++c0) f(Tag<Scalar<scalar_t, acc_t>>{}, c0);
+}
+
+// One output row of one projection, one channel vector [c0, c0 + O::W): out[ow] = sum over the
+// nine taps of w[t] * x[row i][s*ow + j - 1] (zero outside [0, W)). xr: the three input rows (a
+// zero row where the row lies in the padding); wp: the projection's [9, C] weights, held in nine
+// registers across the row. S is the stride when it is 1 or 2, known at compile time: interior
+// outputs then go NO at a time, each loaded column feeding every output it touches, with NO
+// independent FMA chains. Column edges, and any other stride (S = 0, s_rt), take the checked
+// per-output path. AFFINE: the epilogue scale * y + shift (see conv_row).
+template <typename O, int S, int NO, bool AFFINE, typename scalar_t, typename acc_t, typename out_t>
+__attribute__((always_inline)) inline void conv_row_vector(
+    const scalar_t* const* xr, int64_t W, int64_t C, int64_t s_rt, int64_t Wo, const acc_t* wp, int64_t c0,
+    out_t* dst, const acc_t* scale, const acc_t* shift) {
+  using V = typename O::V;
+  const int64_t s = S ? S : s_rt;
+  V wv[9];  // kept in registers across the row
+  for (int t = 0; t < 9; ++t) wv[t] = O::load(wp + t * C + c0);
+  V sc = O::zero(), sh = O::zero();
+  if constexpr (AFFINE) { sc = O::load(scale + c0); sh = O::load(shift + c0); }
+  auto emit = [&](int64_t ow, V a) {
+    if constexpr (AFFINE) a = O::fma(a, sc, sh);
+    O::put(dst + ow * C + c0, a);
+  };
+  auto checked = [&](int64_t ow) {
+    V a = O::zero();
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        const int64_t col = s * ow + j - 1;
+        if (col >= 0 && col < W) a = O::fma(wv[3 * i + j], O::loadx(xr[i] + col * C + c0), a);
       }
-      if (!stats) continue;
-      for (int p = 0; p < 3; ++p) {
-        if (!on_row[p]) continue;
-        acc_t* ps = part_sum + (p * B * H + r) * C;
-        acc_t* pm = part_m2 + (p * B * H + r) * C;
-        const acc_t* row = rowp[p];
-        for (int64_t c = 0; c < C; ++c) ps[c] = 0;
-        for (int64_t o = 0; o < Wo[p]; ++o) {
-_Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) ps[c] += row[o * C + c];
-        }
-        const acc_t inv_n = acc_t(1) / static_cast<acc_t>(Wo[p]);
-        for (int64_t c = 0; c < C; ++c) pm[c] = 0;
-        for (int64_t o = 0; o < Wo[p]; ++o) {
-_Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = row[o * C + c] - ps[c] * inv_n;
-            pm[c] += d * d;
+    emit(ow, a);
+  };
+  // interior outputs: columns s*ow - 1 >= 0 and s*ow + 1 <= W - 1
+  const int64_t lo = 1, hi = std::min(Wo - 1, W >= 2 ? (W - 2) / s : int64_t(-1));
+  if (hi < lo) {
+    for (int64_t ow = 0; ow < Wo; ++ow) checked(ow);
+    return;
+  }
+  checked(0);
+  int64_t ow = lo;
+  if constexpr (S > 0) {
+    // walk each input row once per block of NO outputs: every loaded column feeds the (up to
+    // three) outputs whose taps cover it; one pointer per row keeps the addressing in registers
+    constexpr int NCOL = S * (NO - 1) + 3;
+    for (; ow + NO - 1 <= hi; ow += NO) {
+      V a[NO];
+      for (int o = 0; o < NO; ++o) a[o] = O::zero();
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        const scalar_t* xp = xr[i] + (S * ow - 1) * C + c0;
+#pragma GCC unroll 32
+        for (int k = 0; k < NCOL; ++k) {
+          const V v = O::loadx(xp);
+          xp += C;
+#pragma GCC unroll 16
+          for (int o = 0; o < NO; ++o) {
+            const int j = k - S * o;
+            if (j >= 0 && j < 3) a[o] = O::fma(wv[3 * i + j], v, a[o]);
           }
         }
       }
+      for (int o = 0; o < NO; ++o) emit(ow + o, a[o]);
     }
-  });
+  }
+  for (; ow <= hi; ++ow) checked(ow);
+  for (ow = hi + 1; ow < Wo; ++ow) checked(ow);
+}
+
+// Depthwise 3x3 conv of input centre row h of image b for every projection p with dst[p] set
+// (the caller sets only projections whose grid holds row h: h % s[p] == 0). dst[p] points at
+// output column 0 of that output row ([Wo_p, C], channels last). Epilogue: the raw conv value y,
+// or, when scale is given, scale[p, c] * y + shift[p, c] (BatchNorm folded into an affine map);
+// stored as out_t. wt is [3, 9, C] (taps outermost, so the channel loop is contiguous); zrow is
+// a zero row of W * C values standing in for the padding rows.
+template <typename scalar_t, typename acc_t, typename out_t>
+inline void conv_row(const scalar_t* X, const acc_t* wt, const scalar_t* zrow, int64_t b, int64_t h, int64_t H,
+                     int64_t W, int64_t C, const int64_t* s, out_t* const* dst, const acc_t* scale,
+                     const acc_t* shift) {
+  const scalar_t* xr[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t hh = h + i - 1;
+    xr[i] = hh < 0 || hh >= H ? zrow : X + (b * H + hh) * W * C;
+  }
+  // Rows are visited in order and each channel vector strides across a row, which the hardware
+  // prefetcher follows poorly: fetch the row after next while this one computes.
+  if (h + 2 < H) {
+    const char* next = reinterpret_cast<const char*>(X + (b * H + h + 2) * W * C);
+    const int64_t bytes = W * C * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(next + k, 0, 2);
+  }
+  for (int p = 0; p < 3; ++p) {
+    if (!dst[p]) continue;
+    const int64_t Wo = out_len(W, s[p]);
+    const acc_t* sc = scale ? scale + p * C : nullptr;
+    const acc_t* sh = shift ? shift + p * C : nullptr;
+    const acc_t* wp = wt + p * 9 * C;
+    for_channel_vectors<scalar_t, acc_t>(C, [&](auto ot, int64_t c0) {
+      using O = typename decltype(ot)::type;
+      auto run = [&](auto affine) {
+        constexpr bool A = decltype(affine)::value;
+        if (s[p] == 1)
+          conv_row_vector<O, 1, 8, A, scalar_t, acc_t, out_t>(xr, W, C, 1, Wo, wp, c0, dst[p], sc, sh);
+        else if (s[p] == 2)
+          conv_row_vector<O, 2, 8, A, scalar_t, acc_t, out_t>(xr, W, C, 2, Wo, wp, c0, dst[p], sc, sh);
+        else
+          conv_row_vector<O, 0, 1, A, scalar_t, acc_t, out_t>(xr, W, C, s[p], Wo, wp, c0, dst[p], sc, sh);
+      };
+      if (sc) run(std::true_type{}); else run(std::false_type{});
+    });
+  }
+}
+
+// Offsets of the per-projection output rows in one [sum_p Wo_p, C] row buffer.
+inline void row_offsets(const int64_t* Wo, int64_t C, int64_t* off) {
+  off[0] = 0;
+  for (int p = 0; p < 3; ++p) off[p + 1] = off[p] + Wo[p] * C;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fwd_cpu(
@@ -179,37 +235,72 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   for (int p = 0; p < 3; ++p) {
     Ho[p] = out_len(H, s[p]);
     Wo[p] = out_len(W, s[p]);
-    yacc[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt);
     out[p] = at::empty({B, Ho[p] * Wo[p], C}, x.options());
-    // same dtype: the saved conv output is the accumulation buffer itself (no copy pass)
+    // train: the conv outputs, kept for the backward (the same buffer when x is in the
+    // accumulation dtype); eval: none (normalised in registers; the backward recomputes them)
+    yacc[p] = use_batch_stats ? at::empty({B, Ho[p] * Wo[p], C}, aopt) : at::empty({0}, aopt);
     ysave[p] = !use_batch_stats ? at::empty({0}, x.options())
                : acc_type == x.scalar_type() ? yacc[p] : at::empty({B, Ho[p] * Wo[p], C}, x.options());
   }
   Tensor mean = at::empty({3, C}, aopt), invstd = at::empty({3, C}, aopt), var = at::empty({3, C}, aopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* Y[3] = {yacc[0].data_ptr<acc_t>(), yacc[1].data_ptr<acc_t>(), yacc[2].data_ptr<acc_t>()};
-    Tensor psum, pm2;
-    if (use_batch_stats) {
-      psum = at::empty({3, B * H, C}, aopt);
-      pm2 = at::empty({3, B * H, C}, aopt);
-    }
-    conv3<scalar_t, acc_t>(x.data_ptr<scalar_t>(), wt.data_ptr<acc_t>(), Y, B, H, W, C, s, use_batch_stats,
-                           use_batch_stats ? psum.data_ptr<acc_t>() : nullptr,
-                           use_batch_stats ? pm2.data_ptr<acc_t>() : nullptr);
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    const acc_t* WT = wt.data_ptr<acc_t>();
+    const Tensor zero_row = at::zeros({W * C}, x.options());  // the padding rows
+    const scalar_t* Z = zero_row.data_ptr<scalar_t>();
     acc_t* M = mean.data_ptr<acc_t>();
     acc_t* IS = invstd.data_ptr<acc_t>();
     acc_t* V = var.data_ptr<acc_t>();
     if (use_batch_stats) {
-      // merge the per-row partials in row order (deterministic)
+      // pass 1: per input row, the conv rows of every projection on it, then their per-row
+      // partials (sum, M2 around the row mean) while the row is in cache: [3, B*H, C], off-grid
+      // rows unused
+      Tensor psum = at::empty({3, B * H, C}, aopt), pm2 = at::empty({3, B * H, C}, aopt);
+      acc_t* PS = psum.data_ptr<acc_t>();
+      acc_t* PM = pm2.data_ptr<acc_t>();
+      acc_t* Y[3] = {yacc[0].data_ptr<acc_t>(), yacc[1].data_ptr<acc_t>(), yacc[2].data_ptr<acc_t>()};
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / H, h = r % H;
+          acc_t* d[3];
+          bool any = false;
+          for (int p = 0; p < 3; ++p) {
+            d[p] = h % s[p] == 0 ? Y[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
+            any = any || d[p];
+          }
+          if (!any) continue;
+          conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr, nullptr);
+          for (int p = 0; p < 3; ++p) {
+            if (!d[p]) continue;
+            acc_t* ps = PS + (p * B * H + r) * C;
+            acc_t* pm = PM + (p * B * H + r) * C;
+            const acc_t* row = d[p];
+            for (int64_t c = 0; c < C; ++c) ps[c] = 0;
+            for (int64_t o = 0; o < Wo[p]; ++o) {
+_Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) ps[c] += row[o * C + c];
+            }
+            const acc_t inv_n = acc_t(1) / static_cast<acc_t>(Wo[p]);
+            for (int64_t c = 0; c < C; ++c) pm[c] = 0;
+            for (int64_t o = 0; o < Wo[p]; ++o) {
+_Pragma("omp simd")
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t dv = row[o * C + c] - ps[c] * inv_n;
+                pm[c] += dv * dv;
+              }
+            }
+          }
+        }
+      });
+      // merge the per-row partials in row order (deterministic), parallel over channel blocks
       for (int p = 0; p < 3; ++p) {
         const int64_t n_total = B * Ho[p] * Wo[p];
         TORCH_CHECK(n_total > 1, "conv_qkv_projection_fwd: batch statistics need more than one value per channel");
-        const acc_t* ps = psum.data_ptr<acc_t>() + p * B * H * C;
-        const acc_t* pm = pm2.data_ptr<acc_t>() + p * B * H * C;
+        const acc_t* ps = PS + p * B * H * C;
+        const acc_t* pm = PM + p * B * H * C;
         const acc_t inv_total = acc_t(1) / static_cast<acc_t>(n_total);
         const acc_t n_row = static_cast<acc_t>(Wo[p]);
-        // parallel over channel blocks; every channel still merges its rows in row order
         at::parallel_for(0, C, 16, [&](int64_t cbeg, int64_t cend) {
           const int64_t nc = cend - cbeg;
           std::vector<acc_t> tot(nc, 0), m2(nc, 0);
@@ -227,8 +318,8 @@ _Pragma("omp simd")
             const acc_t* qr = pm + r * C + cbeg;
 _Pragma("omp simd")
             for (int64_t c = 0; c < nc; ++c) {
-              const acc_t d = pr[c] / n_row - T[c] * inv_total;
-              M2[c] += qr[c] + n_row * d * d;
+              const acc_t dv = pr[c] / n_row - T[c] * inv_total;
+              M2[c] += qr[c] + n_row * dv * dv;
             }
           }
           for (int64_t c = 0; c < nc; ++c) {
@@ -252,19 +343,39 @@ _Pragma("omp simd")
     }
     const acc_t* G = g.data_ptr<acc_t>();
     const acc_t* Be = be.data_ptr<acc_t>();
+    std::vector<acc_t> scale(3 * C), shift(3 * C);
+    for (int64_t k = 0; k < 3 * C; ++k) {
+      scale[k] = G[k] * IS[k];
+      shift[k] = Be[k] - M[k] * scale[k];
+    }
+    scalar_t* OUT[3] = {out[0].data_ptr<scalar_t>(), out[1].data_ptr<scalar_t>(), out[2].data_ptr<scalar_t>()};
+    if (!use_batch_stats) {
+      // eval: one pass, the conv normalised in registers and written once as tokens
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / H, h = r % H;
+          scalar_t* d[3];
+          bool any = false;
+          for (int p = 0; p < 3; ++p) {
+            d[p] = h % s[p] == 0 ? OUT[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
+            any = any || d[p];
+          }
+          if (any) conv_row<scalar_t, acc_t, scalar_t>(X, WT, Z, b, h, H, W, C, s, d, scale.data(), shift.data());
+        }
+      });
+      return;
+    }
+    // train, pass 2: normalise the stored conv outputs (and copy them to x's dtype when it differs)
     for (int p = 0; p < 3; ++p) {
-      std::vector<acc_t> scale(C), shift(C);
-      for (int64_t c = 0; c < C; ++c) {
-        scale[c] = G[p * C + c] * IS[p * C + c];
-        shift[c] = Be[p * C + c] - M[p * C + c] * scale[c];
-      }
-      const acc_t* y = Y[p];
-      scalar_t* o = out[p].data_ptr<scalar_t>();
-      scalar_t* ys = use_batch_stats && !ysave[p].is_same(yacc[p]) ? ysave[p].data_ptr<scalar_t>() : nullptr;
+      const acc_t* y = yacc[p].data_ptr<acc_t>();
+      const acc_t* sc = scale.data() + p * C;
+      const acc_t* sh = shift.data() + p * C;
+      scalar_t* o = OUT[p];
+      scalar_t* ys = ysave[p].is_same(yacc[p]) ? nullptr : ysave[p].data_ptr<scalar_t>();
       at::parallel_for(0, B * Ho[p] * Wo[p], 64, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
 _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * scale[c] + shift[c]);
+          for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * sc[c] + sh[c]);
           if (ys) {
 _Pragma("omp simd")
             for (int64_t c = 0; c < C; ++c) ys[i * C + c] = static_cast<scalar_t>(y[i * C + c]);
@@ -289,56 +400,59 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   const Tensor wt = weight.to(acc_type).permute({0, 2, 1}).contiguous();  // [3, 9, C]
   const Tensor ga = gamma.to(acc_type).contiguous(), mu = mean.to(acc_type).contiguous(),
                is = invstd.to(acc_type).contiguous();
-  int64_t Ho[3], Wo[3];
+  int64_t Ho[3], Wo[3], off[4];
   for (int p = 0; p < 3; ++p) { Ho[p] = out_len(H, s[p]); Wo[p] = out_len(W, s[p]); }
+  row_offsets(Wo, C, off);
   const Tensor gin[3] = {gq, gk, gv};
   const Tensor ys[3] = {yq, yk, yv};
-  Tensor y[3];
   Tensor gx = at::empty({B, H, W, C}, x.options());
   Tensor gw = at::empty({3, 9, C}, aopt), gg = at::empty({3, C}, aopt), gb = at::empty({3, C}, aopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_qkv_projection_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bool need_conv = false;
-    for (int p = 0; p < 3; ++p) {
-      if (ys[p].numel() == 0) need_conv = true;
-      else y[p] = ys[p].to(acc_type).contiguous();
-    }
-    if (need_conv) {  // eval mode: recompute the conv outputs (they are not saved)
-      Tensor yc[3];
-      acc_t* Y[3];
-      for (int p = 0; p < 3; ++p) { yc[p] = at::empty({B, Ho[p] * Wo[p], C}, aopt); Y[p] = yc[p].data_ptr<acc_t>(); }
-      conv3<scalar_t, acc_t>(x.data_ptr<scalar_t>(), wt.data_ptr<acc_t>(), Y, B, H, W, C, s, false, nullptr, nullptr);
-      for (int p = 0; p < 3; ++p) if (ys[p].numel() == 0) y[p] = yc[p];
-    }
+    const scalar_t* X = x.data_ptr<scalar_t>();
     const acc_t* WT = wt.data_ptr<acc_t>();
-    // Per projection: dbeta/dgamma from per-row partials (registers across the row, one store
-    // per row), merged in row order per channel (deterministic, parallel over channels), then the
-    // per-channel dy coefficients. dy itself is not materialised: the gather below recomputes
-    // the dy rows it needs, per chunk, into a cache-resident scratch buffer.
-    Tensor g[3];
+    const Tensor zero_row = at::zeros({W * C}, x.options());  // the padding rows
+    const scalar_t* Z = zero_row.data_ptr<scalar_t>();
+    // the conv outputs saved by the train-mode forward; recomputed from x where empty (eval)
+    Tensor g[3], y[3];
     const acc_t* Gp[3];
     const acc_t* Yp[3];
-    std::vector<acc_t> coef[3];  // [4, C]: ca, cb, e = IS * cc, Mu
     for (int p = 0; p < 3; ++p) {
       g[p] = gin[p].to(acc_type).contiguous();
-      const int64_t rows = B * Ho[p], rowlen = Wo[p] * C, n = B * Ho[p] * Wo[p];
-      const acc_t* G = g[p].data_ptr<acc_t>();
-      const acc_t* Y = y[p].data_ptr<acc_t>();
-      Gp[p] = G;
-      Yp[p] = Y;
-      const acc_t* Mu = mu.data_ptr<acc_t>() + p * C;
-      const acc_t* IS = is.data_ptr<acc_t>() + p * C;
-      const acc_t* GA = ga.data_ptr<acc_t>() + p * C;
-      // partial row r: [sum g, sum g * (y - mu)] ([rows, 2, C]); every entry is written
-      Tensor part = at::empty({rows, 2, C}, aopt);
-      acc_t* P = part.data_ptr<acc_t>();
-      const int64_t Wop = Wo[p];
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          acc_t* pb = P + r * 2 * C;
+      Gp[p] = g[p].data_ptr<acc_t>();
+      Yp[p] = nullptr;
+      if (ys[p].numel() != 0) {
+        TORCH_CHECK(ys[p].numel() == gin[p].numel(), "conv_qkv_projection_bwd: y and grad shapes differ");
+        y[p] = ys[p].to(acc_type).contiguous();
+        Yp[p] = y[p].data_ptr<acc_t>();
+      }
+    }
+    const acc_t* MU = mu.data_ptr<acc_t>();
+    // pass 1: per output row of every projection, [sum g, sum g * (y - mu)] (y recomputed per
+    // input row into a thread-local buffer when not saved); partials [3, B*H, 2, C] (off-grid
+    // rows unused), registers across the row, one store per row
+    Tensor part = at::empty({3, B * H, 2, C}, aopt);
+    acc_t* P = part.data_ptr<acc_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(off[3]);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, h = r % H;
+        acc_t* d[3];
+        bool recompute = false;
+        for (int p = 0; p < 3; ++p) {
+          d[p] = h % s[p] == 0 && !Yp[p] ? buf.data() + off[p] : nullptr;
+          recompute = recompute || d[p];
+        }
+        if (recompute) conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr, nullptr);
+        for (int p = 0; p < 3; ++p) {
+          if (h % s[p] != 0) continue;
+          const int64_t Wop = Wo[p];
+          acc_t* pb = P + (p * B * H + r) * 2 * C;
           acc_t* pg = pb + C;
-          const acc_t* gr = G + r * rowlen;
-          const acc_t* yr = Y + r * rowlen;
+          const int64_t orow = (b * Ho[p] + h / s[p]) * Wop * C;
+          const acc_t* gr = Gp[p] + orow;
+          const acc_t* yr = Yp[p] ? Yp[p] + orow : d[p];
+          const acc_t* Mu = MU + p * C;
           for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
             using O = typename decltype(ot)::type;
             constexpr int NV = decltype(nvt)::value, VW = O::W;
@@ -360,18 +474,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
             }
           });
         }
-      });
+      }
+    });
+    // dbeta, dgamma: the row partials merged in row order per channel (deterministic, parallel
+    // over channels); then the per-channel coefficients of
+    // dy = a * (g - k1 - (y - mu) * invstd * k2)   (train; eval: k1 = k2 = 0).
+    // Kept in this form: expanding it into b*y + c cancels badly when |mean| >> std.
+    std::vector<acc_t> coef[3];  // [4, C]: a, k1, e = invstd * k2, mu
+    for (int p = 0; p < 3; ++p) {
+      const int64_t n = B * Ho[p] * Wo[p];
+      const acc_t* Mu = MU + p * C;
+      const acc_t* IS = is.data_ptr<acc_t>() + p * C;
+      const acc_t* GA = ga.data_ptr<acc_t>() + p * C;
+      const acc_t* Pp = P + p * B * H * 2 * C;
       acc_t* DB = gb.data_ptr<acc_t>() + p * C;
       acc_t* DG = gg.data_ptr<acc_t>() + p * C;
       coef[p].assign(4 * C, acc_t(0));
       acc_t* CF = coef[p].data();
       const acc_t on = use_batch_stats ? acc_t(1) : acc_t(0);
-      // dy = a * (g - k1 - xhat * k2) per channel (train; eval: k1 = k2 = 0). Kept in this form:
-      // expanding it into b*y + c cancels badly when |mean| >> std.
       at::parallel_for(0, C, 16, [&](int64_t cbeg, int64_t cend) {
         for (int64_t c = cbeg; c < cend; ++c) { DB[c] = 0; DG[c] = 0; }
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* pr = P + r * 2 * C;
+        for (int64_t r = 0; r < B * H; ++r) {
+          if ((r % H) % s[p] != 0) continue;
+          const acc_t* pr = Pp + r * 2 * C;
 _Pragma("omp simd")
           for (int64_t c = cbeg; c < cend; ++c) { DB[c] += pr[c]; DG[c] += pr[C + c]; }
         }
@@ -384,13 +509,12 @@ _Pragma("omp simd")
         }
       });
     }
-    // dx and dw in one gather over the input pixels: every (input pixel, projection, tap) pair
-    // that links pixel x[h, w] to output dy_p[o] adds w_p[t] * dy_p[o] to dx[h, w] and
+    // pass 2, dx and dw in one gather over the input pixels: every (input pixel, projection, tap)
+    // pair that links pixel x[h, w] to output dy_p[o] adds w_p[t] * dy_p[o] to dx[h, w] and
     // dy_p[o] * x[h, w] to dw_p[t]. dw partials [chunks, 27, C] over fixed chunks of RB input
-    // rows (a function of the shape only), merged in chunk order: deterministic. Each chunk
-    // first computes the dy rows it touches (output rows lo..hi per projection, a few recomputed
-    // at chunk edges; the values do not depend on which chunk computes them) into scratch.
-    const scalar_t* X = x.data_ptr<scalar_t>();
+    // rows (a function of the shape only), merged in chunk order: deterministic. Each chunk first
+    // computes the dy rows it touches (output rows lo..hi per projection; a few rows twice at
+    // chunk edges, with values independent of the chunk) into scratch.
     scalar_t* GX = gx.data_ptr<scalar_t>();
     constexpr int64_t RB = 16;
     const int64_t nrows = B * H, nchunks = (nrows + RB - 1) / RB;
@@ -424,15 +548,22 @@ _Pragma("omp simd")
           DYp[p] = D - (hi[p] >= lo[p] ? lo[p] * Wo[p] * C : 0);
           if (hi[p] < lo[p]) continue;
           TORCH_INTERNAL_ASSERT(hi[p] - lo[p] + 1 <= RB + 2);
+          const acc_t* Y = Yp[p] ? Yp[p] + lo[p] * Wo[p] * C : D;
+          if (!Yp[p])
+            for (int64_t o = lo[p]; o <= hi[p]; ++o) {
+              acc_t* d[3] = {nullptr, nullptr, nullptr};
+              d[p] = D + (o - lo[p]) * Wo[p] * C;
+              conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, o / Ho[p], (o % Ho[p]) * s[p], H, W, C, s, d, nullptr,
+                                               nullptr);
+            }
           const acc_t* CF = coef[p].data();
-          const acc_t *CA = CF, *CB = CF + C, *CE = CF + 2 * C, *MU = CF + 3 * C;
+          const acc_t *CA = CF, *CB = CF + C, *CE = CF + 2 * C, *CM = CF + 3 * C;
           const acc_t* G = Gp[p] + lo[p] * Wo[p] * C;
-          const acc_t* Y = Yp[p] + lo[p] * Wo[p] * C;
           const int64_t npix = (hi[p] - lo[p] + 1) * Wo[p];
           for (int64_t i = 0; i < npix; ++i) {
 _Pragma("omp simd")
             for (int64_t c = 0; c < C; ++c)
-              D[i * C + c] = CA[c] * ((G[i * C + c] - CB[c]) - (Y[i * C + c] - MU[c]) * CE[c]);
+              D[i * C + c] = CA[c] * ((G[i * C + c] - CB[c]) - (Y[i * C + c] - CM[c]) * CE[c]);
           }
         }
         for (int64_t r = r0; r < r1; ++r) {
@@ -485,7 +616,7 @@ _Pragma("omp simd")
                       O::store(gp + k * VW, O::fma(dv, xv[k], O::load(gp + k * VW)));
                     }
                   }
-              for (int k = 0; k < NV; ++k) O::storex(GX + pix * C + c0 + k * VW, acc[k]);
+              for (int k = 0; k < NV; ++k) O::put(GX + pix * C + c0 + k * VW, acc[k]);
             });
           }
         }
