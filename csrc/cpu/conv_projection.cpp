@@ -138,12 +138,12 @@ __attribute__((always_inline)) inline void conv_row_vector(
   checked(0);
   int64_t ow = lo;
   if constexpr (S > 0) {
-    // walk each input row once per block of NO outputs: every loaded column feeds the (up to
+    // walk each input row once per block of N outputs: every loaded column feeds the (up to
     // three) outputs whose taps cover it; one pointer per row keeps the addressing in registers
-    constexpr int NCOL = S * (NO - 1) + 3;
-    for (; ow + NO - 1 <= hi; ow += NO) {
-      V a[NO];
-      for (int o = 0; o < NO; ++o) a[o] = O::zero();
+    auto block = [&](auto nt) {
+      constexpr int N = decltype(nt)::value, NCOL = S * (N - 1) + 3;
+      V a[N];
+      for (int o = 0; o < N; ++o) a[o] = O::zero();
 #pragma GCC unroll 3
       for (int i = 0; i < 3; ++i) {
         const scalar_t* xp = xr[i] + (S * ow - 1) * C + c0;
@@ -152,14 +152,21 @@ __attribute__((always_inline)) inline void conv_row_vector(
           const V v = O::loadx(xp);
           xp += C;
 #pragma GCC unroll 16
-          for (int o = 0; o < NO; ++o) {
+          for (int o = 0; o < N; ++o) {
             const int j = k - S * o;
             if (j >= 0 && j < 3) a[o] = O::fma(wv[3 * i + j], v, a[o]);
           }
         }
       }
-      for (int o = 0; o < NO; ++o) emit(ow + o, a[o]);
-    }
+      for (int o = 0; o < N; ++o) emit(ow + o, a[o]);
+      ow += N;
+    };
+    // NO at a time, then smaller blocks for the rest of the interior (short rows: CvT stage 3
+    // is 14 wide)
+    while (ow + NO - 1 <= hi) block(Int<NO>{});
+    if constexpr (NO > 4) if (ow + 3 <= hi) block(Int<4>{});
+    if constexpr (NO > 2) if (ow + 1 <= hi) block(Int<2>{});
+    if (ow <= hi) block(Int<1>{});
   }
   for (; ow <= hi; ++ow) checked(ow);
   for (ow = hi + 1; ow < Wo; ++ow) checked(ow);
@@ -207,6 +214,149 @@ inline void conv_row(const scalar_t* X, const acc_t* wt, const scalar_t* zrow, i
       if (sc) run(std::true_type{}); else run(std::false_type{});
     });
   }
+}
+
+// dw of one output row of one projection, one channel vector: wsum[t, c0:] += sum over ow of
+// dy[ow] * x[row i][s*ow + j - 1] (zero outside [0, W)), the nine sums in registers across the
+// row. xr: the three input rows under the output row (zero rows in the padding).
+template <typename O, typename scalar_t, typename acc_t>
+inline void dw_row_vector(const scalar_t* const* xr, const acc_t* dy, int64_t W, int64_t C, int64_t s,
+                          int64_t Wo, int64_t c0, acc_t* wsum) {
+  using V = typename O::V;
+  V a[9];
+  for (int t = 0; t < 9; ++t) a[t] = O::zero();
+  auto checked = [&](int64_t ow) {
+    const V dv = O::load(dy + ow * C + c0);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) {
+        const int64_t col = s * ow + j - 1;
+        if (col >= 0 && col < W) a[3 * i + j] = O::fma(dv, O::loadx(xr[i] + col * C + c0), a[3 * i + j]);
+      }
+  };
+  const int64_t lo = 1, hi = std::min(Wo - 1, W >= 2 ? (W - 2) / s : int64_t(-1));
+  if (hi < lo) {
+    for (int64_t ow = 0; ow < Wo; ++ow) checked(ow);
+  } else {
+    checked(0);
+    const scalar_t* x0 = xr[0] + (s * lo - 1) * C + c0;
+    const scalar_t* x1 = xr[1] + (s * lo - 1) * C + c0;
+    const scalar_t* x2 = xr[2] + (s * lo - 1) * C + c0;
+    const acc_t* d = dy + lo * C + c0;
+    const int64_t step = s * C;
+    for (int64_t ow = lo; ow <= hi; ++ow, x0 += step, x1 += step, x2 += step, d += C) {
+      const V dv = O::load(d);
+      a[0] = O::fma(dv, O::loadx(x0), a[0]);
+      a[1] = O::fma(dv, O::loadx(x0 + C), a[1]);
+      a[2] = O::fma(dv, O::loadx(x0 + 2 * C), a[2]);
+      a[3] = O::fma(dv, O::loadx(x1), a[3]);
+      a[4] = O::fma(dv, O::loadx(x1 + C), a[4]);
+      a[5] = O::fma(dv, O::loadx(x1 + 2 * C), a[5]);
+      a[6] = O::fma(dv, O::loadx(x2), a[6]);
+      a[7] = O::fma(dv, O::loadx(x2 + C), a[7]);
+      a[8] = O::fma(dv, O::loadx(x2 + 2 * C), a[8]);
+    }
+    for (int64_t ow = hi + 1; ow < Wo; ++ow) checked(ow);
+  }
+  for (int t = 0; t < 9; ++t) O::store(wsum + t * C + c0, O::add(O::load(wsum + t * C + c0), a[t]));
+}
+
+// dx of one input row from one projection, one channel vector (the transposed conv):
+// dx[w] (+)= sum over the R given (weight row wr[r], dy row dyr[r]) pairs and taps j with
+// (w + 1 - j) % s == 0 and 0 <= (w + 1 - j) / s < Wo of wr[r][j] * dyr[r][(w + 1 - j) / s].
+// first: store instead of accumulate. S: the stride when 1 or 2 (fast interior paths), else 0.
+template <typename O, int S, int R, typename acc_t>
+inline void dx_row_vector(acc_t* dx, const acc_t* const* dyr, const typename O::V (*wr)[3], int64_t W,
+                          int64_t C, int64_t s_rt, int64_t Wo, int64_t c0, bool first) {
+  using V = typename O::V;
+  const int64_t s = S ? S : s_rt;
+  auto emit = [&](int64_t w, V a) {
+    acc_t* p = dx + w * C + c0;
+    O::store(p, first ? a : O::add(O::load(p), a));
+  };
+  auto checked = [&](int64_t w) {
+    V a = O::zero();
+    for (int j = 0; j < 3; ++j) {
+      const int64_t num = w + 1 - j;
+      if (num < 0 || num % s != 0 || num / s >= Wo) continue;
+      for (int r = 0; r < R; ++r) a = O::fma(wr[r][j], O::load(dyr[r] + (num / s) * C + c0), a);
+    }
+    emit(w, a);
+  };
+  int64_t w = 0;
+  if constexpr (S == 1) {
+    // interior 1 <= w <= W - 2 (Wo == W): columns w - 1 .. w + NO, each feeding up to three outputs
+    constexpr int NO = 8;
+    checked(0);
+    w = 1;
+    auto block = [&](auto nt) {
+      constexpr int N = decltype(nt)::value;
+      V a[N];
+      for (int o = 0; o < N; ++o) a[o] = O::zero();
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r) {
+        const acc_t* dp = dyr[r] + (w - 1) * C + c0;
+#pragma GCC unroll 16
+        for (int k = 0; k < N + 2; ++k) {
+          const V v = O::load(dp);
+          dp += C;
+#pragma GCC unroll 8
+          for (int o = 0; o < N; ++o) {
+            const int j = o + 2 - k;
+            if (j >= 0 && j < 3) a[o] = O::fma(wr[r][j], v, a[o]);
+          }
+        }
+      }
+      for (int o = 0; o < N; ++o) emit(w + o, a[o]);
+      w += N;
+    };
+    while (w + NO - 1 <= W - 2) block(Int<NO>{});
+    if (w + 3 <= W - 2) block(Int<4>{});
+    if (w + 1 <= W - 2) block(Int<2>{});
+    if (w <= W - 2) block(Int<1>{});
+  } else if constexpr (S == 2) {
+    // pairs (2m, 2m + 1) with m + 1 < Wo and 2m + 1 < W: dx[2m] = sum_r wr[r][1] dy[m],
+    // dx[2m + 1] = sum_r wr[r][0] dy[m + 1] + wr[r][2] dy[m]
+    checked(0);
+    w = 1;
+    for (int64_t m = 1; m + 1 < Wo && 2 * m + 1 < W; ++m) {
+      for (; w < 2 * m; ++w) checked(w);
+      V ae = O::zero(), ao = O::zero();
+      for (int r = 0; r < R; ++r) {
+        const V d0 = O::load(dyr[r] + m * C + c0), d1 = O::load(dyr[r] + (m + 1) * C + c0);
+        ae = O::fma(wr[r][1], d0, ae);
+        ao = O::fma(wr[r][2], d0, O::fma(wr[r][0], d1, ao));
+      }
+      emit(2 * m, ae);
+      emit(2 * m + 1, ao);
+      w = 2 * m + 2;
+    }
+  }
+  for (; w < W; ++w) checked(w);
+}
+
+// out[c] = y[c] * scale[c] + shift[c] for one float pixel row written with non-temporal stores:
+// the tokens are not read again here, and streaming them skips the read-for-ownership of every
+// output line (a third of this pass's memory traffic). Returns false (nothing written) where
+// this does not apply: another dtype, no AVX2, C not a multiple of 8 or an unaligned row.
+template <typename scalar_t, typename acc_t>
+inline bool stream_affine_row(scalar_t* out, const acc_t* y, const acc_t* scale, const acc_t* shift, int64_t C) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (C % 8 != 0 || reinterpret_cast<uintptr_t>(out) % 32 != 0) return false;
+    for (int64_t c = 0; c < C; c += 8)
+      _mm256_stream_ps(out + c, _mm256_fmadd_ps(_mm256_loadu_ps(y + c), _mm256_loadu_ps(scale + c),
+                                                _mm256_loadu_ps(shift + c)));
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Orders this thread's non-temporal stores before whatever follows (another thread reading them).
+inline void stream_fence() {
+#if defined(__AVX2__) && defined(__FMA__)
+  _mm_sfence();
+#endif
 }
 
 // Offsets of the per-projection output rows in one [sum_p Wo_p, C] row buffer.
@@ -374,13 +524,16 @@ _Pragma("omp simd")
       scalar_t* ys = ysave[p].is_same(yacc[p]) ? nullptr : ysave[p].data_ptr<scalar_t>();
       at::parallel_for(0, B * Ho[p] * Wo[p], 64, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
+          if (!stream_affine_row(o + i * C, y + i * C, sc, sh, C)) {
 _Pragma("omp simd")
-          for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * sc[c] + sh[c]);
+            for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * sc[c] + sh[c]);
+          }
           if (ys) {
 _Pragma("omp simd")
             for (int64_t c = 0; c < C; ++c) ys[i * C + c] = static_cast<scalar_t>(y[i * C + c]);
           }
         }
+        stream_fence();
       });
     }
   });
@@ -509,12 +662,11 @@ _Pragma("omp simd")
         }
       });
     }
-    // pass 2, dx and dw in one gather over the input pixels: every (input pixel, projection, tap)
-    // pair that links pixel x[h, w] to output dy_p[o] adds w_p[t] * dy_p[o] to dx[h, w] and
-    // dy_p[o] * x[h, w] to dw_p[t]. dw partials [chunks, 27, C] over fixed chunks of RB input
-    // rows (a function of the shape only), merged in chunk order: deterministic. Each chunk first
-    // computes the dy rows it touches (output rows lo..hi per projection; a few rows twice at
-    // chunk edges, with values independent of the chunk) into scratch.
+    // pass 2, dx and dw over fixed chunks of RB input rows (a function of the shape only). Each
+    // chunk first computes the dy rows it touches (output rows lo..hi per projection; a few rows
+    // twice at chunk edges, with values independent of the chunk) into scratch; then dw of the
+    // output rows centred in the chunk (register stencils, partials [chunks, 27, C] merged in
+    // chunk order: deterministic) and dx of its input rows (the transposed conv, per row).
     scalar_t* GX = gx.data_ptr<scalar_t>();
     constexpr int64_t RB = 16;
     const int64_t nrows = B * H, nchunks = (nrows + RB - 1) / RB;
@@ -524,6 +676,7 @@ _Pragma("omp simd")
     for (int p = 0; p < 3; ++p) soff[p + 1] = soff[p] + (RB + 2) * Wo[p] * C;
     at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
       std::vector<acc_t> scratch(soff[3]);
+      std::vector<acc_t> dxbuf(std::is_same_v<scalar_t, acc_t> ? 0 : W * C);
       for (int64_t ch = cbeg; ch < cend; ++ch) {
         acc_t* wpc = WP + ch * 27 * C;
         std::fill(wpc, wpc + 27 * C, acc_t(0));
@@ -566,58 +719,66 @@ _Pragma("omp simd")
               D[i * C + c] = CA[c] * ((G[i * C + c] - CB[c]) - (Y[i * C + c] - CM[c]) * CE[c]);
           }
         }
+        // dw: the output rows whose centre input row lies in this chunk (each row in one chunk)
+        for (int p = 0; p < 3; ++p) {
+          for (int64_t o = lo[p]; o <= hi[p]; ++o) {
+            const int64_t b = o / Ho[p], hc = (o % Ho[p]) * s[p];
+            if (b * H + hc < r0 || b * H + hc >= r1) continue;
+            const scalar_t* xr[3];
+            for (int i = 0; i < 3; ++i) {
+              const int64_t hh = hc + i - 1;
+              xr[i] = hh < 0 || hh >= H ? Z : X + (b * H + hh) * W * C;
+            }
+            const acc_t* dy = DYp[p] + o * Wo[p] * C;
+            for_channel_vectors<scalar_t, acc_t>(C, [&](auto ot, int64_t c0) {
+              using O = typename decltype(ot)::type;
+              dw_row_vector<O, scalar_t, acc_t>(xr, dy, W, C, s[p], Wo[p], c0, wpc + p * 9 * C);
+            });
+          }
+        }
+        // dx, one input row at a time: the transposed conv of every projection, accumulated in
+        // the gx row itself (float) or in an acc_t row then converted
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t b = r / H, h = r % H;
-          // valid (i, output row) pairs per projection for this input row
-          int ni[3], ii[3][3];
-          int64_t orow[3][3];
+          // (the cast is taken only when scalar_t is acc_t)
+          acc_t* dxr = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(GX + r * W * C) : dxbuf.data();
+          bool first = true;
           for (int p = 0; p < 3; ++p) {
-            ni[p] = 0;
+            int n = 0, iv[3];
+            const acc_t* rows[3];
             for (int i = 0; i < 3; ++i) {
               const int64_t nh = h + 1 - i;
               if (nh < 0 || nh % s[p] != 0 || nh / s[p] >= Ho[p]) continue;
-              ii[p][ni[p]] = i;
-              orow[p][ni[p]] = (b * Ho[p] + nh / s[p]) * Wo[p];
-              ++ni[p];
+              iv[n] = i;
+              rows[n] = DYp[p] + (b * Ho[p] + nh / s[p]) * Wo[p] * C;
+              ++n;
             }
-          }
-          for (int64_t w = 0; w < W; ++w) {
-            int nj[3], jj[3][3];
-            int64_t ocol[3][3];
-            for (int p = 0; p < 3; ++p) {
-              nj[p] = 0;
-              for (int j = 0; j < 3; ++j) {
-                const int64_t nw = w + 1 - j;
-                if (nw < 0 || nw % s[p] != 0 || nw / s[p] >= Wo[p]) continue;
-                jj[p][nj[p]] = j;
-                ocol[p][nj[p]] = nw / s[p];
-                ++nj[p];
-              }
-            }
-            const int64_t pix = (b * H + h) * W + w;
-            for_channel_blocks<scalar_t, acc_t>(C, [&](auto ot, auto nvt, int64_t c0) {
+            if (n == 0) continue;
+            for_channel_vectors<scalar_t, acc_t>(C, [&](auto ot, int64_t c0) {
               using O = typename decltype(ot)::type;
-              constexpr int NV = decltype(nvt)::value, VW = O::W;
-              typename O::V acc[NV], xv[NV];
-              for (int k = 0; k < NV; ++k) {
-                acc[k] = O::zero();
-                xv[k] = O::loadx(X + pix * C + c0 + k * VW);
-              }
-              for (int p = 0; p < 3; ++p)
-                for (int a = 0; a < ni[p]; ++a)
-                  for (int e = 0; e < nj[p]; ++e) {
-                    const int t = 3 * ii[p][a] + jj[p][e];
-                    const acc_t* d = DYp[p] + (orow[p][a] + ocol[p][e]) * C + c0;
-                    const acc_t* wp = WT + (p * 9 + t) * C + c0;
-                    acc_t* gp = wpc + (p * 9 + t) * C + c0;
-                    for (int k = 0; k < NV; ++k) {
-                      const typename O::V dv = O::load(d + k * VW);
-                      acc[k] = O::fma(O::load(wp + k * VW), dv, acc[k]);
-                      O::store(gp + k * VW, O::fma(dv, xv[k], O::load(gp + k * VW)));
-                    }
-                  }
-              for (int k = 0; k < NV; ++k) O::put(GX + pix * C + c0 + k * VW, acc[k]);
+              typename O::V wr[3][3];
+              for (int k = 0; k < n; ++k)
+                for (int j = 0; j < 3; ++j) wr[k][j] = O::load(WT + (p * 9 + 3 * iv[k] + j) * C + c0);
+              auto call = [&](auto st, auto rt) {
+                dx_row_vector<O, decltype(st)::value, decltype(rt)::value, acc_t>(dxr, rows, wr, W, C, s[p], Wo[p],
+                                                                                  c0, first);
+              };
+              auto by_rows = [&](auto st) {
+                if (n == 1) call(st, Int<1>{});
+                else if (n == 2) call(st, Int<2>{});
+                else call(st, Int<3>{});
+              };
+              if (s[p] == 1) by_rows(Int<1>{});
+              else if (s[p] == 2) by_rows(Int<2>{});
+              else by_rows(Int<0>{});
             });
+            first = false;
+          }
+          if (first) std::fill(dxr, dxr + W * C, acc_t(0));
+          if (!std::is_same_v<scalar_t, acc_t>) {
+            scalar_t* gxr = GX + r * W * C;
+_Pragma("omp simd")
+            for (int64_t k = 0; k < W * C; ++k) gxr[k] = static_cast<scalar_t>(dxr[k]);
           }
         }
       }
