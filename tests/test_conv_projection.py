@@ -174,7 +174,10 @@ def test_matches_reference(backend, B, C, H, W, sq, skv, training, dtype, tokens
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [(2, 5, 7, 14, 1, 2, True), (1, 3, 14, 7, 1, 2, False), (3, 16, 7, 7, 2, 2, True)])
+# the wide rows run the C++ stencils' full 8-output blocks several times per row (C = 8, 16: the
+# vector path)
+@pytest.mark.parametrize("case", [(2, 5, 7, 14, 1, 2, True), (1, 3, 14, 7, 1, 2, False), (3, 16, 7, 7, 2, 2, True),
+                                  (2, 16, 5, 37, 1, 2, True), (1, 8, 6, 26, 2, 2, False)])
 def test_fixed_shapes(backend, case):
     B, C, H, W, sq, skv, training = case
     with poisoned_triton():

@@ -352,6 +352,20 @@ inline bool stream_affine_row(scalar_t* out, const acc_t* y, const acc_t* scale,
   return false;
 }
 
+// out[k] = src[k] (k < n) for float rows, with non-temporal stores (see stream_affine_row).
+// Returns false (nothing written) for another dtype, without AVX2 or for unaligned rows.
+template <typename scalar_t, typename acc_t>
+inline bool stream_row(scalar_t* out, const acc_t* src, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (n % 8 != 0 || reinterpret_cast<uintptr_t>(out) % 32 != 0) return false;
+    for (int64_t k = 0; k < n; k += 8) _mm256_stream_ps(out + k, _mm256_loadu_ps(src + k));
+    return true;
+  }
+#endif
+  return false;
+}
+
 // Orders this thread's non-temporal stores before whatever follows (another thread reading them).
 inline void stream_fence() {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -676,7 +690,7 @@ _Pragma("omp simd")
     for (int p = 0; p < 3; ++p) soff[p + 1] = soff[p] + (RB + 2) * Wo[p] * C;
     at::parallel_for(0, nchunks, 1, [&](int64_t cbeg, int64_t cend) {
       std::vector<acc_t> scratch(soff[3]);
-      std::vector<acc_t> dxbuf(std::is_same_v<scalar_t, acc_t> ? 0 : W * C);
+      std::vector<acc_t> dxbuf(W * C);  // one dx row, accumulated in cache, then streamed out
       for (int64_t ch = cbeg; ch < cend; ++ch) {
         acc_t* wpc = WP + ch * 27 * C;
         std::fill(wpc, wpc + 27 * C, acc_t(0));
@@ -740,8 +754,7 @@ _Pragma("omp simd")
         // the gx row itself (float) or in an acc_t row then converted
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t b = r / H, h = r % H;
-          // (the cast is taken only when scalar_t is acc_t)
-          acc_t* dxr = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(GX + r * W * C) : dxbuf.data();
+          acc_t* dxr = dxbuf.data();
           bool first = true;
           for (int p = 0; p < 3; ++p) {
             int n = 0, iv[3];
@@ -775,13 +788,14 @@ _Pragma("omp simd")
             first = false;
           }
           if (first) std::fill(dxr, dxr + W * C, acc_t(0));
-          if (!std::is_same_v<scalar_t, acc_t>) {
-            scalar_t* gxr = GX + r * W * C;
+          scalar_t* gxr = GX + r * W * C;
+          if (!stream_row(gxr, dxr, W * C)) {
 _Pragma("omp simd")
             for (int64_t k = 0; k < W * C; ++k) gxr[k] = static_cast<scalar_t>(dxr[k]);
           }
         }
       }
+      stream_fence();
     });
     acc_t* GW = gw.data_ptr<acc_t>();
     at::parallel_for(0, 27 * C, 256, [&](int64_t begin, int64_t end) {
