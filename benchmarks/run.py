@@ -24,6 +24,21 @@ def all_ops():
     return sorted(m.name for m in pkgutil.iter_modules(cases_pkg.__path__))
 
 
+def _keep_freed_memory() -> str:
+    """glibc ``mallopt``: no mmap for blocks under 1 GiB and no trimming of the heap top, so freed
+    buffers are reused without new page faults. Returns the note recorded with every row."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt"):
+        raise SystemExit("--keep-freed-memory needs glibc (mallopt)")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if not (libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        raise SystemExit("--keep-freed-memory: mallopt refused the thresholds")
+    return "allocator: freed memory kept (mallopt), no first-touch page faults"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", nargs="*", default=None, help=f"ops to run (default: all of {all_ops()})")
@@ -32,7 +47,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller shapes and shorter timing (the CPU demo)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the CSV")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to the CSV")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU diagnostic (glibc): keep freed memory in the heap, so large buffers are no "
+                             "longer fresh mmaps paying a page fault per first-touched 4 KiB; shows the "
+                             "kernels' own ratios apart from the allocator's")
     args = parser.parse_args(argv)
+    allocator_note = ""
+    if args.keep_freed_memory:
+        allocator_note = _keep_freed_memory()
     device = torch.device(args.device)
     ops = args.op or all_ops()
     unknown = sorted(set(ops) - set(all_ops()))
@@ -45,7 +67,9 @@ def main(argv=None) -> int:
         mod = importlib.import_module(f"benchmarks.cases.{op}")
         for case in mod.cases(device, args.quick):
             if case.mode in args.mode:
-                results.extend(run_case(case, device, args.quick))
+                for r in run_case(case, device, args.quick):
+                    r.note = "; ".join(n for n in (r.note, allocator_note) if n)
+                    results.append(r)
                 print(f"  done: {case.op} {case.shape} {case.mode}", file=sys.stderr, flush=True)
     print(format_table(results))
     if not args.no_save:
