@@ -44,10 +44,8 @@ struct Scalar {
   static void store(acc_t* p, V v) { *p = v; }
   template <typename T> static void put(T* p, V v) { *p = static_cast<T>(v); }
   static V fma(V a, V b, V c) { return a * b + c; }
-  static V fnma(V a, V b, V c) { return c - a * b; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
-  static V mul(V a, V b) { return a * b; }
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -63,10 +61,8 @@ struct Avx2F {
     _mm256_storeu_ps(p, v);
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 };
 #endif
 
@@ -89,6 +85,17 @@ inline void for_channel_blocks(int64_t C, F&& f) {
 }
 
 inline int64_t out_len(int64_t n, int64_t s) { return (n - 1) / s + 1; }
+
+// The three input rows h - 1, h, h + 1 of image b under a 3x3 tap window, the zero row zrow
+// standing in for rows in the padding.
+template <typename scalar_t>
+inline void input_rows(const scalar_t* X, const scalar_t* zrow, int64_t b, int64_t h, int64_t H, int64_t W,
+                       int64_t C, const scalar_t** xr) {
+  for (int i = 0; i < 3; ++i) {
+    const int64_t hh = h + i - 1;
+    xr[i] = hh < 0 || hh >= H ? zrow : X + (b * H + hh) * W * C;
+  }
+}
 
 // Runs f(Tag<Ops>, c0) over single-vector channel blocks [c0, c0 + Ops::W) covering [0, C): the
 // stencil below keeps nine weight vectors and NO accumulators in registers, so one vector wide.
@@ -186,10 +193,7 @@ inline void conv_row(const scalar_t* X, const acc_t* wt, const scalar_t* zrow, i
                      int64_t W, int64_t C, const int64_t* s, out_t* const* dst, const acc_t* scale,
                      const acc_t* shift) {
   const scalar_t* xr[3];
-  for (int i = 0; i < 3; ++i) {
-    const int64_t hh = h + i - 1;
-    xr[i] = hh < 0 || hh >= H ? zrow : X + (b * H + hh) * W * C;
-  }
+  input_rows(X, zrow, b, h, H, W, C, xr);
   // Rows are visited in order and each channel vector strides across a row, which the hardware
   // prefetcher follows poorly: fetch the row after next while this one computes.
   if (h + 2 < H) {
@@ -762,10 +766,7 @@ _Pragma("omp simd")
             const int64_t b = o / Ho[p], hc = (o % Ho[p]) * s[p];
             if (b * H + hc < r0 || b * H + hc >= r1) continue;
             const scalar_t* xr[3];
-            for (int i = 0; i < 3; ++i) {
-              const int64_t hh = hc + i - 1;
-              xr[i] = hh < 0 || hh >= H ? Z : X + (b * H + hh) * W * C;
-            }
+            input_rows(X, Z, b, hc, H, W, C, xr);
             const acc_t* dy = DYp[p] + o * Wo[p] * C;
             for_channel_vectors<scalar_t, acc_t>(C, [&](auto ot, int64_t c0) {
               using O = typename decltype(ot)::type;
