@@ -153,7 +153,7 @@ def _run_case(backend, B, C, H, W, sq, skv, training, dtype, tokens, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(B=st.sampled_from([1, 2, 3]), C=st.sampled_from([1, 3, 8, 16]), H=st.sampled_from(SIZES),
+@given(B=st.sampled_from([1, 2, 3]), C=st.sampled_from([1, 3, 8, 16, 24]), H=st.sampled_from(SIZES),
        W=st.sampled_from(SIZES), sq=st.sampled_from([1, 1, 2]), skv=st.sampled_from([2, 2, 1, 3]),
        training=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16]),
        tokens=st.booleans(), seed=st.integers(0, 2**16))
@@ -175,13 +175,43 @@ def test_matches_reference(backend, B, C, H, W, sq, skv, training, dtype, tokens
 
 @pytest.mark.parametrize("backend", BACKENDS)
 # the wide rows run the C++ stencils' full 8-output blocks several times per row (C = 8, 16: the
-# vector path)
+# vector path); C = 88 = 64 + 16 + 8 takes every channel-block width (4 x 16, 16, 8 lanes on
+# AVX-512 hosts) in one call
 @pytest.mark.parametrize("case", [(2, 5, 7, 14, 1, 2, True), (1, 3, 14, 7, 1, 2, False), (3, 16, 7, 7, 2, 2, True),
-                                  (2, 16, 5, 37, 1, 2, True), (1, 8, 6, 26, 2, 2, False)])
+                                  (2, 16, 5, 37, 1, 2, True), (1, 8, 6, 26, 2, 2, False),
+                                  (2, 88, 6, 19, 1, 2, True), (1, 91, 5, 9, 2, 2, False)])
 def test_fixed_shapes(backend, case):
     B, C, H, W, sq, skv, training = case
     with poisoned_triton():
         _run_case(backend, B, C, H, W, sq, skv, training, torch.float32, True, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", [(0,), (1, 2), (2,)])
+def test_gradients_with_unused_projections(backend, used):
+    # q, k or v left out of the loss reach the backward as None gradients (no zero tensors)
+    C, H, W = 8, 7, 6
+    weights, norms = _make_params(C, seed=3)
+    x0 = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(4))
+    x64, w64 = _leaf(x0, torch.float64), [_leaf(w, torch.float64) for w in weights]
+    n64 = _clone_norms(norms, torch.float64, requires_grad=True)
+    out64 = ref.conv_qkv_projection(x64, w64, n64, stride_q=1, stride_kv=2, training=True)
+    leaves64 = [x64, *w64, *[n["weight"] for n in n64]]
+    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(5 + i), dtype=torch.float64)
+            for i, o in enumerate(out64)]
+    want = torch.autograd.grad(sum((out64[i] * cots[i]).sum() for i in used), leaves64, allow_unused=True)
+    x, ws = _leaf(x0), [_leaf(w) for w in weights]
+    ns = _clone_norms(norms, requires_grad=True)
+    with poisoned_triton():
+        out = ops.conv_qkv_projection(x, ws, ns, stride_q=1, stride_kv=2, training=True, backend=backend)
+        got = torch.autograd.grad(sum((out[i] * cots[i].float()).sum() for i in used),
+                                  [x, *ws, *[n["weight"] for n in ns]],
+                                  allow_unused=True, materialize_grads=True)
+    for p, (g, e) in enumerate(zip(got, want)):
+        if e is None:
+            assert not g.any(), p
+        else:
+            assert rel_error(g, e) < 1e-4, p
 
 
 def _bn_modules(C, momentum, seed):

@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__AVX2__) && defined(__FMA__)) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -33,7 +33,9 @@ using at::Tensor;
 
 // Channel-block vector helpers: the kernels keep NV vectors of W channels in registers per
 // accumulator. Scalar<scalar_t, acc_t> (W = 1) is the portable fallback (and the channel tail);
-// Avx2F (W = 8, AVX2 + FMA) serves float inputs where the compiler targets it.
+// Avx2F (W = 8, AVX2 + FMA) and Avx512F (W = 16) serve float inputs where the compiler targets
+// them. Wider is faster even where 512-bit FMAs are split in two (AMD Zen 4 measured 1.45x the
+// 256-bit FMA rate per thread): half the instructions for the same work.
 template <typename scalar_t, typename acc_t>
 struct Scalar {
   using V = acc_t;
@@ -66,6 +68,24 @@ struct Avx2F {
 };
 #endif
 
+#if defined(__AVX512F__)
+struct Avx512F {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V loadx(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  template <typename T> static void put(T* p, V v) {
+    static_assert(std::is_same_v<T, float>, "Avx512F stores float only");
+    _mm512_storeu_ps(p, v);
+  }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+};
+#endif
+
 template <typename T> struct Tag { using type = T; };
 template <int N> using Int = std::integral_constant<int, N>;
 
@@ -74,6 +94,10 @@ template <int N> using Int = std::integral_constant<int, N>;
 template <typename scalar_t, typename acc_t, typename F>
 inline void for_channel_blocks(int64_t C, F&& f) {
   int64_t c0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>)
+    for (; c0 + 64 <= C; c0 += 64) f(Tag<Avx512F>{}, Int<4>{}, c0);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     for (; c0 + 32 <= C; c0 += 32) f(Tag<Avx2F>{}, Int<4>{}, c0);
@@ -102,6 +126,10 @@ inline void input_rows(const scalar_t* X, const scalar_t* zrow, int64_t b, int64
 template <typename scalar_t, typename acc_t, typename F>
 inline void for_channel_vectors(int64_t C, F&& f) {
   int64_t c0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>)
+    for (; c0 + 16 <= C; c0 += 16) f(Tag<Avx512F>{}, c0);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>)
     for (; c0 + 8 <= C; c0 += 8) f(Tag<Avx2F>{}, c0);

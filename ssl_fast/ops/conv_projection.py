@@ -116,6 +116,10 @@ def _setup_context(ctx, inputs, output):
     x, weight, gamma, beta, running_mean, running_var, eps, stride_q, stride_kv, use_batch_stats, backend = inputs
     ctx.save_for_backward(x, weight, gamma, output[6], output[7], output[3], output[4], output[5])
     ctx.cfg = (stride_q, stride_kv, use_batch_stats, backend)
+    # y_q/k/v and the statistics are internal outputs: without this, autograd hands _backward a
+    # zero-filled gradient for each of them (as large as q, k, v) on every call
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, gq, gk, gv, *unused):
