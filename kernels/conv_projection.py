@@ -23,10 +23,15 @@ Backward (``g`` = output gradient, ``xhat = (y - mean) * invstd``, ``M`` values 
 the saved ``y``, not expanded into ``b*y + c``, which cancels badly when ``|mean| >> std``);
 ``dy = a * g`` in eval mode.
   1. train only: per-tile partials of ``dbeta = sum g`` and ``dgamma = sum g*xhat``, reduced;
-  2. one launch over centre tiles: ``dw_p[t] += dy_p(centre) * x(centre + tap t)`` as per-tile
+  2. ``dy`` of every output pixel of the three projections, written in the accumulation dtype
+     (an elementwise pass: the conv launch below then gathers one value per tap instead of
+     recomputing ``dy`` from ``g`` and ``y`` 27 times, which also kept it out of registers);
+  3. one launch over centre tiles: ``dw_p[t] += dy_p(centre) * x(centre + tap t)`` as per-tile
      partials, and ``dx(centre) = sum_p sum_t w_p[t] * dy_p(output whose tap t is this pixel)``
      gathered (no atomics); in eval mode it also recomputes ``y`` for the dgamma partials;
-  3. the partials are summed over tiles (a torch reduction over dim 0: no atomics, deterministic).
+  4. the partials are summed over tiles (a torch reduction over dim 0: no atomics, deterministic).
+The conv launches loop over the nine taps without unrolling: unrolled, the compiler hoists all
+the tap loads at once and spills registers on sm_90.
 """
 import torch
 import triton
@@ -37,10 +42,22 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _blocks(C: int):
-    block_c = min(64, max(2, _next_pow2(C)))
-    block_p = 64
-    return block_p, block_c
+# (BLOCK_P centre pixels, num_warps) of the conv kernels; BLOCK_C = min(64, next_pow2(C)). Chosen
+# without a GPU from ptxas's register report for sm_90 (scripts/check_triton_compile.py): no
+# spills and at most ~210 registers in every dtype and mode, where 64 x 64 tiles on 4 warps
+# spilled (kilobytes per thread in the backward).
+CONV_TILES = {"fwd": (32, 8), "bwd": (32, 8)}
+
+
+def _blocks(C: int, kernel: str = "fwd"):
+    """(BLOCK_P, BLOCK_C, num_warps) for one conv kernel ("fwd" or "bwd")."""
+    block_p, warps = CONV_TILES[kernel]
+    return block_p, min(64, max(2, _next_pow2(C))), warps
+
+
+def _elementwise_blocks(C: int):
+    """(BLOCK_P rows, BLOCK_C) of the per-output-pixel kernels (normalise, BN partials, dy)."""
+    return 64, min(64, max(2, _next_pow2(C)))
 
 
 @triton.jit
@@ -64,20 +81,19 @@ def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
     ck = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     cv = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     c_off = offs_c.to(tl.int64) * sxc
-    for i in tl.static_range(3):
-        hh = h + (i - 1)
-        for j in tl.static_range(3):
-            ww = w + (j - 1)
-            m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
-            xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
-                         other=0.0).to(ACC)
-            wq = tl.load(w_ptr + offs_c * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
-            wk = tl.load(w_ptr + (C + offs_c) * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
-            wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + (3 * i + j), mask=mc, other=0.0).to(ACC)
-            cq += xv * wq[None, :]
-            ck += xv * wk[None, :]
-            cv += xv * wv[None, :]
+    for t in range(9):
+        hh = h + (t // 3 - 1)
+        ww = w + (t % 3 - 1)
+        m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
+        xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        wq = tl.load(w_ptr + offs_c * 9 + t, mask=mc, other=0.0).to(ACC)
+        wk = tl.load(w_ptr + (C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+        wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+        cq += xv * wq[None, :]
+        ck += xv * wk[None, :]
+        cv += xv * wv[None, :]
     on_q = mp & (h % SQ == 0) & (w % SQ == 0)
     on_kv = mp & (h % SKV == 0) & (w % SKV == 0)
     oq = b * (HQ * WQ) + (h // SQ) * WQ + (w // SQ)
@@ -184,20 +200,47 @@ def _bn_grad_partials_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, mea
 
 
 @triton.jit
-def _dy_at(g_ptr, y_ptr, idx, m, offs_c, C, a, k1, k2, mu, istd, TRAIN: tl.constexpr, ACC: tl.constexpr):
-    """dy = a * (g - k1 - xhat * k2) at output rows ``idx`` (train; eval: a * g)."""
-    off = idx[:, None] * C + offs_c[None, :]
-    g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
-    if TRAIN:
-        y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
-        xhat = (y - mu[None, :]) * istd[None, :]
-        g = g - k1[None, :] - xhat * k2[None, :]
-    return tl.where(m, g * a[None, :], 0.0)
+def _dy_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, coef_ptr, mean_ptr, invstd_ptr,
+               dyq_ptr, dyk_ptr, dyv_ptr, NQ, NK, C, TRAIN: tl.constexpr, ACC: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dy = a * (g - k1 - xhat * k2) per projection (train; eval: dy = a * g), in ACC; coefficients
+    ``[3, 3, C]`` (projection, {a, k1, k2}, channel) from the launcher."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+    for p in tl.static_range(3):
+        if p == 0:
+            g_ptr = gq_ptr
+            y_ptr = yq_ptr
+            dy_ptr = dyq_ptr
+            n = NQ
+        elif p == 1:
+            g_ptr = gk_ptr
+            y_ptr = yk_ptr
+            dy_ptr = dyk_ptr
+            n = NK
+        else:
+            g_ptr = gv_ptr
+            y_ptr = yv_ptr
+            dy_ptr = dyv_ptr
+            n = NK
+        m = (rows < n)[:, None] & mc[None, :]
+        a = tl.load(coef_ptr + 3 * p * C + offs_c, mask=mc, other=0.0)
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
+        if TRAIN:
+            k1 = tl.load(coef_ptr + (3 * p + 1) * C + offs_c, mask=mc, other=0.0)
+            k2 = tl.load(coef_ptr + (3 * p + 2) * C + offs_c, mask=mc, other=0.0)
+            mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
+            istd = tl.load(invstd_ptr + p * C + offs_c, mask=mc, other=0.0)
+            y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
+            g = g - k1[None, :] - (y - mu[None, :]) * istd[None, :] * k2[None, :]
+        tl.store(dy_ptr + off, g * a[None, :], mask=m)
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr,
-                     coef_ptr, mean_ptr, invstd_ptr, gx_ptr, wpart_ptr, bnpart_ptr,
+def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, dyq_ptr, dyk_ptr, dyv_ptr, gq_ptr, gk_ptr, gv_ptr,
+                     mean_ptr, invstd_ptr, gx_ptr, wpart_ptr, bnpart_ptr,
                      B, H, W, C, SQ, SKV, HQ, WQ, HK, WK,
                      TRAIN: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -212,22 +255,6 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
     r = offs_p % HW
     h = r // W
     w = r % W
-    # dy = a * (g - k1 - xhat * k2); coefficients [3, 3, C] (p, {a, k1, k2}, channel) from the launcher
-    aq = tl.load(coef_ptr + offs_c, mask=mc, other=0.0)
-    bq = tl.load(coef_ptr + C + offs_c, mask=mc, other=0.0)
-    cq = tl.load(coef_ptr + 2 * C + offs_c, mask=mc, other=0.0)
-    ak = tl.load(coef_ptr + 3 * C + offs_c, mask=mc, other=0.0)
-    bk = tl.load(coef_ptr + 4 * C + offs_c, mask=mc, other=0.0)
-    ck = tl.load(coef_ptr + 5 * C + offs_c, mask=mc, other=0.0)
-    av = tl.load(coef_ptr + 6 * C + offs_c, mask=mc, other=0.0)
-    bv = tl.load(coef_ptr + 7 * C + offs_c, mask=mc, other=0.0)
-    cv = tl.load(coef_ptr + 8 * C + offs_c, mask=mc, other=0.0)
-    muq = tl.load(mean_ptr + offs_c, mask=mc, other=0.0)
-    muk = tl.load(mean_ptr + C + offs_c, mask=mc, other=0.0)
-    muv = tl.load(mean_ptr + 2 * C + offs_c, mask=mc, other=0.0)
-    isq = tl.load(invstd_ptr + offs_c, mask=mc, other=0.0)
-    isk = tl.load(invstd_ptr + C + offs_c, mask=mc, other=0.0)
-    isv = tl.load(invstd_ptr + 2 * C + offs_c, mask=mc, other=0.0)
     # dy of the outputs centred on this tile (for the weight gradient)
     on_q = mp & (h % SQ == 0) & (w % SQ == 0)
     on_kv = mp & (h % SKV == 0) & (w % SKV == 0)
@@ -235,50 +262,48 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, gq_ptr, gk_ptr, gv_ptr, y
     ok = b * (HK * WK) + (h // SKV) * WK + (w // SKV)
     mq = on_q[:, None] & mc[None, :]
     mkv = on_kv[:, None] & mc[None, :]
-    dyq = _dy_at(gq_ptr, yq_ptr, oq, mq, offs_c, C, aq, bq, cq, muq, isq, TRAIN, ACC)
-    dyk = _dy_at(gk_ptr, yk_ptr, ok, mkv, offs_c, C, ak, bk, ck, muk, isk, TRAIN, ACC)
-    dyv = _dy_at(gv_ptr, yv_ptr, ok, mkv, offs_c, C, av, bv, cv, muv, isv, TRAIN, ACC)
+    dyq = tl.load(dyq_ptr + oq[:, None] * C + offs_c[None, :], mask=mq, other=0.0)
+    dyk = tl.load(dyk_ptr + ok[:, None] * C + offs_c[None, :], mask=mkv, other=0.0)
+    dyv = tl.load(dyv_ptr + ok[:, None] * C + offs_c[None, :], mask=mkv, other=0.0)
     rq = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)  # eval mode: recomputed conv outputs
     rk = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     rv = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     gx = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     c_off = offs_c.to(tl.int64) * sxc
     wbase = pid_p.to(tl.int64) * 27 * C
-    for i in tl.static_range(3):
-        for j in tl.static_range(3):
-            t = 3 * i + j
-            hh = h + (i - 1)
-            ww = w + (j - 1)
-            m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
-            xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
-                         other=0.0).to(ACC)
-            wq = tl.load(w_ptr + offs_c * 9 + t, mask=mc, other=0.0).to(ACC)
-            wk = tl.load(w_ptr + (C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
-            wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
-            tl.store(wpart_ptr + wbase + t * C + offs_c, tl.sum(dyq * xv, axis=0), mask=mc)
-            tl.store(wpart_ptr + wbase + (9 + t) * C + offs_c, tl.sum(dyk * xv, axis=0), mask=mc)
-            tl.store(wpart_ptr + wbase + (18 + t) * C + offs_c, tl.sum(dyv * xv, axis=0), mask=mc)
-            if not TRAIN:
-                rq += xv * wq[None, :]
-                rk += xv * wk[None, :]
-                rv += xv * wv[None, :]
-            # dx: this pixel is tap t of the output centred at (h + 1 - i, w + 1 - j)
-            nh = h + (1 - i)
-            nw = w + (1 - j)
-            nhc = tl.maximum(nh, 0)
-            nwc = tl.maximum(nw, 0)
-            ok_h = mp & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
-            gq_m = ok_h & (nhc % SQ == 0) & (nwc % SQ == 0)
-            gk_m = ok_h & (nhc % SKV == 0) & (nwc % SKV == 0)
-            iq = b * (HQ * WQ) + (nhc // SQ) * WQ + (nwc // SQ)
-            ik = b * (HK * WK) + (nhc // SKV) * WK + (nwc // SKV)
-            gx += wq[None, :] * _dy_at(gq_ptr, yq_ptr, iq, gq_m[:, None] & mc[None, :], offs_c, C,
-                                       aq, bq, cq, muq, isq, TRAIN, ACC)
-            gx += wk[None, :] * _dy_at(gk_ptr, yk_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
-                                       ak, bk, ck, muk, isk, TRAIN, ACC)
-            gx += wv[None, :] * _dy_at(gv_ptr, yv_ptr, ik, gk_m[:, None] & mc[None, :], offs_c, C,
-                                       av, bv, cv, muv, isv, TRAIN, ACC)
+    # a loop, not unrolled: unrolled, the compiler hoists the 27 tile gathers and spills
+    for t in range(9):
+        i = t // 3
+        j = t % 3
+        hh = h + (i - 1)
+        ww = w + (j - 1)
+        m = mp & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        row = b * sxb + hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw
+        xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=m[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        wq = tl.load(w_ptr + offs_c * 9 + t, mask=mc, other=0.0).to(ACC)
+        wk = tl.load(w_ptr + (C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+        wv = tl.load(w_ptr + (2 * C + offs_c) * 9 + t, mask=mc, other=0.0).to(ACC)
+        tl.store(wpart_ptr + wbase + t * C + offs_c, tl.sum(dyq * xv, axis=0), mask=mc)
+        tl.store(wpart_ptr + wbase + (9 + t) * C + offs_c, tl.sum(dyk * xv, axis=0), mask=mc)
+        tl.store(wpart_ptr + wbase + (18 + t) * C + offs_c, tl.sum(dyv * xv, axis=0), mask=mc)
+        if not TRAIN:
+            rq += xv * wq[None, :]
+            rk += xv * wk[None, :]
+            rv += xv * wv[None, :]
+        # dx: this pixel is tap t of the output centred at (h + 1 - i, w + 1 - j)
+        nh = h + (1 - i)
+        nw = w + (1 - j)
+        nhc = tl.maximum(nh, 0)
+        nwc = tl.maximum(nw, 0)
+        ok_h = mp & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
+        gq_m = (ok_h & (nhc % SQ == 0) & (nwc % SQ == 0))[:, None] & mc[None, :]
+        gk_m = (ok_h & (nhc % SKV == 0) & (nwc % SKV == 0))[:, None] & mc[None, :]
+        iq = (b * (HQ * WQ) + (nhc // SQ) * WQ + (nwc // SQ))[:, None] * C + offs_c[None, :]
+        ik = (b * (HK * WK) + (nhc // SKV) * WK + (nwc // SKV))[:, None] * C + offs_c[None, :]
+        gx += wq[None, :] * tl.load(dyq_ptr + iq, mask=gq_m, other=0.0)
+        gx += wk[None, :] * tl.load(dyk_ptr + ik, mask=gk_m, other=0.0)
+        gx += wv[None, :] * tl.load(dyv_ptr + ik, mask=gk_m, other=0.0)
     gx_off = offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=mp[:, None] & mc[None, :])
     if not TRAIN:
@@ -351,7 +376,7 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
     w = weight.to(acc).contiguous()
     g = gamma.to(acc).contiguous()
     be = beta.to(acc).contiguous()
-    BLOCK_P, BLOCK_C = _blocks(C)
+    BLOCK_P, BLOCK_C, warps = _blocks(C, "fwd")
     NP = triton.cdiv(B * H * W, BLOCK_P)
     grid = (NP, triton.cdiv(C, BLOCK_C))
     outs = [torch.empty((B, n, C), device=dev, dtype=x.dtype) for n in (HQ * WQ, HK * WK, HK * WK)]
@@ -363,12 +388,13 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
         pcnt = torch.empty((NP, 3), device=dev, dtype=acc)
         _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, ys[0], ys[1], ys[2], g, be, psum, pm2, pcnt,
                                B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
-                               TRAIN=True, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                               TRAIN=True, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=warps)
         mean, invstd, var, scale, shift = _merge_stats(psum, pm2, pcnt, g, be, eps)
         NQ, NK = B * HQ * WQ, B * HK * WK
-        _normalise_kernel[(triton.cdiv(max(NQ, NK), BLOCK_P), triton.cdiv(C, BLOCK_C))](
+        EP, EC = _elementwise_blocks(C)
+        _normalise_kernel[(triton.cdiv(max(NQ, NK), EP), triton.cdiv(C, EC))](
             ys[0], ys[1], ys[2], outs[0], outs[1], outs[2], scale, shift, NQ, NK, C,
-            ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+            ACC=tl_acc, BLOCK_P=EP, BLOCK_C=EC)
     else:
         ys = [x.new_empty(0) for _ in range(3)]
         mean = running_mean.to(acc).clone()
@@ -379,7 +405,7 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
         shift = be - mean * scale
         _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, outs[0], outs[1], outs[2], scale, shift,
                                scale, scale, scale, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
-                               TRAIN=False, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+                               TRAIN=False, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=warps)
     return (*outs, *ys, mean, invstd, var)
 
 
@@ -396,17 +422,18 @@ def backward(grad_q, grad_k, grad_v, x, weight, gamma, mean, invstd, y_q, y_k, y
     mu = mean.to(acc).contiguous()
     istd = invstd.to(acc).contiguous()
     gs = [g.contiguous() for g in (grad_q, grad_k, grad_v)]
-    BLOCK_P, BLOCK_C = _blocks(C)
+    BLOCK_P, BLOCK_C, warps = _blocks(C, "bwd")
     NP = triton.cdiv(B * H * W, BLOCK_P)
     grid = (NP, triton.cdiv(C, BLOCK_C))
     a = ga * istd
+    EP, EC = _elementwise_blocks(C)
     if use_batch_stats:
         ys = [y.contiguous() for y in (y_q, y_k, y_v)]
-        NB = triton.cdiv(max(NQ, NK), BLOCK_P)
+        NB = triton.cdiv(max(NQ, NK), EP)
         part = torch.empty((NB, 3, 2, C), device=dev, dtype=acc)
-        _bn_grad_partials_kernel[(NB, triton.cdiv(C, BLOCK_C))](
+        _bn_grad_partials_kernel[(NB, triton.cdiv(C, EC))](
             gs[0], gs[1], gs[2], ys[0], ys[1], ys[2], mu, istd, part, NQ, NK, C,
-            ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+            ACC=tl_acc, BLOCK_P=EP, BLOCK_C=EC)
         bn = _sum_rows(part)  # [3, 2, C]
         dbeta, dgamma = bn[:, 0], bn[:, 1]
         n = torch.tensor([NQ, NK, NK], dtype=acc).to(dev, non_blocking=True)[:, None]
@@ -419,12 +446,17 @@ def backward(grad_q, grad_k, grad_v, x, weight, gamma, mean, invstd, y_q, y_k, y
         cc = torch.zeros_like(a)
         bnpart = torch.empty((NP, 3, 2, C), device=dev, dtype=acc)
     coef = torch.stack([a, cb, cc], dim=1).contiguous()  # [3, 3, C]
+    dys = [torch.empty(g.shape, device=dev, dtype=acc) for g in gs]
+    _dy_kernel[(triton.cdiv(max(NQ, NK), EP), triton.cdiv(C, EC))](
+        gs[0], gs[1], gs[2], ys[0], ys[1], ys[2], coef, mu, istd, dys[0], dys[1], dys[2], NQ, NK, C,
+        TRAIN=use_batch_stats, ACC=tl_acc, BLOCK_P=EP, BLOCK_C=EC)
     gx = torch.empty((B, H, W, C), device=dev, dtype=x.dtype)
     wpart = torch.empty((NP, 3, 9, C), device=dev, dtype=acc)
     sx = x.stride()
-    _conv_bwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, gs[0], gs[1], gs[2], ys[0], ys[1], ys[2],
-                           coef, mu, istd, gx, wpart, bnpart, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
-                           TRAIN=use_batch_stats, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    _conv_bwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, dys[0], dys[1], dys[2], gs[0], gs[1], gs[2],
+                           mu, istd, gx, wpart, bnpart, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
+                           TRAIN=use_batch_stats, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                           num_warps=warps)
     gw = _sum_rows(wpart).transpose(1, 2).contiguous()  # [3, C, 9]
     if not use_batch_stats:
         bn = _sum_rows(bnpart)
