@@ -396,7 +396,13 @@ def _blocks(pass_name: str, d_pad: int, dv_pad: int, dtype: torch.dtype):
     if BLOCK_OVERRIDE is not None:
         bm, bn = BLOCK_OVERRIDE
         return bm, bn, 4, 1
-    wide = max(d_pad, dv_pad) > 64 or dtype == torch.float32
+    if dtype == torch.float32:
+        # ieee fp32 products run on the FMA units, not tensor cores: on 4 warps they spilled
+        # (ptxas, sm_90: up to 0.6 KB per thread, scripts/check_triton_compile.py); 8 warps do not
+        if pass_name == "fwd":
+            return (64, 32, 8, 2)
+        return (32, 32, 8, 1) if max(d_pad, dv_pad) <= 64 else (16, 32, 8, 1)
+    wide = max(d_pad, dv_pad) > 64
     if pass_name == "fwd":
         return (64, 64 if not wide else 32, 4 if max(d_pad, dv_pad) <= 64 else 8, 2)
     return (32, 64, 4, 1) if not wide else (32, 32, 4 if max(d_pad, dv_pad) <= 64 else 8, 1)
