@@ -119,10 +119,16 @@ def device_name(device: torch.device) -> str:
 
 
 def _commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when code the benchmarks run (anything outside
+    benchmarks/results and the docs) differs from it: the figures then belong to no commit."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results", ":(exclude)*.md"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if changed else "")
     except Exception:
         return "unknown"
 
