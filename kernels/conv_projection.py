@@ -14,9 +14,10 @@ Forward, train mode (batch statistics), three launches:
      sum and M2 (sum of squared deviations from the tile mean) of every projection and channel;
   2. stats: merges the tile partials (Chan's parallel variance; a few small deterministic torch
      reductions over ``[tiles, 3, C]``), giving mean, 1/sqrt(var + eps), the unbiased variance
-     (for the running statistics) and the affine scale/shift;
-  3. normalise: ``out = y * scale + shift``.
-Forward, eval mode: one launch, conv then ``acc * scale + shift`` with the running statistics.
+     (for the running statistics) and ``scale = gamma * invstd``;
+  3. normalise: ``out = (y - mean) * scale + beta``.
+Forward, eval mode: one launch, conv then ``(acc - mean) * scale + beta`` with the running
+statistics. (Not folded into ``y * scale + shift``: that cancels badly when ``|mean| >> std``.)
 
 Backward (``g`` = output gradient, ``xhat = (y - mean) * invstd``, ``M`` values per channel):
 ``dy = a * (g - dbeta/M - xhat * dgamma/M)`` with ``a = gamma*invstd`` in train mode (``xhat`` from
@@ -62,7 +63,7 @@ def _elementwise_blocks(C: int):
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
-                     scale_ptr, shift_ptr, psum_ptr, pm2_ptr, pcnt_ptr,
+                     mean_ptr, scale_ptr, beta_ptr, psum_ptr, pm2_ptr, pcnt_ptr,
                      B, H, W, C, SQ, SKV, HQ, WQ, HK, WK,
                      TRAIN: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -124,22 +125,31 @@ def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
             tl.store(pcnt_ptr + pid_p * 3 + 1, nkv)
             tl.store(pcnt_ptr + pid_p * 3 + 2, nkv)
     else:
-        aq = tl.load(scale_ptr + offs_c, mask=mc, other=0.0).to(ACC)
-        ak = tl.load(scale_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
-        av = tl.load(scale_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
-        bq = tl.load(shift_ptr + offs_c, mask=mc, other=0.0).to(ACC)
-        bk = tl.load(shift_ptr + C + offs_c, mask=mc, other=0.0).to(ACC)
-        bv = tl.load(shift_ptr + 2 * C + offs_c, mask=mc, other=0.0).to(ACC)
-        tl.store(yq_ptr + oq[:, None] * C + offs_c[None, :],
-                 (cq * aq[None, :] + bq[None, :]).to(yq_ptr.dtype.element_ty), mask=mq)
-        tl.store(yk_ptr + ok[:, None] * C + offs_c[None, :],
-                 (ck * ak[None, :] + bk[None, :]).to(yk_ptr.dtype.element_ty), mask=mkv)
-        tl.store(yv_ptr + ok[:, None] * C + offs_c[None, :],
-                 (cv * av[None, :] + bv[None, :]).to(yv_ptr.dtype.element_ty), mask=mkv)
+        for p in tl.static_range(3):
+            if p == 0:
+                acc = cq
+                y_ptr = yq_ptr
+                idx = oq
+                mm = mq
+            elif p == 1:
+                acc = ck
+                y_ptr = yk_ptr
+                idx = ok
+                mm = mkv
+            else:
+                acc = cv
+                y_ptr = yv_ptr
+                idx = ok
+                mm = mkv
+            mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
+            a = tl.load(scale_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
+            be = tl.load(beta_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
+            tl.store(y_ptr + idx[:, None] * C + offs_c[None, :],
+                     ((acc - mu[None, :]) * a[None, :] + be[None, :]).to(y_ptr.dtype.element_ty), mask=mm)
 
 
 @triton.jit
-def _normalise_kernel(yq_ptr, yk_ptr, yv_ptr, oq_ptr, ok_ptr, ov_ptr, scale_ptr, shift_ptr,
+def _normalise_kernel(yq_ptr, yk_ptr, yv_ptr, oq_ptr, ok_ptr, ov_ptr, mean_ptr, scale_ptr, beta_ptr,
                       NQ, NK, C, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -159,10 +169,11 @@ def _normalise_kernel(yq_ptr, yk_ptr, yv_ptr, oq_ptr, ok_ptr, ov_ptr, scale_ptr,
             o_ptr = ov_ptr
             n = NK
         m = (rows < n)[:, None] & mc[None, :]
+        mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
         a = tl.load(scale_ptr + p * C + offs_c, mask=mc, other=0.0)
-        s = tl.load(shift_ptr + p * C + offs_c, mask=mc, other=0.0)
+        be = tl.load(beta_ptr + p * C + offs_c, mask=mc, other=0.0)
         y = tl.load(y_ptr + off, mask=m, other=0.0).to(ACC)
-        tl.store(o_ptr + off, (y * a[None, :] + s[None, :]).to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(o_ptr + off, ((y - mu[None, :]) * a[None, :] + be[None, :]).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -348,19 +359,22 @@ def _sum_rows(src: torch.Tensor) -> torch.Tensor:
     return src.sum(dim=0)
 
 
-def _merge_stats(psum, pm2, pcnt, gamma, beta, eps):
+def _merge_stats(psum, pm2, pcnt, gamma, eps):
     """Chan's parallel merge of per-tile (count, sum, M2) into mean, invstd, unbiased variance and the
-    affine scale/shift, all ``[3, C]``."""
+    BatchNorm scale ``gamma * invstd``, all ``[3, C]``."""
     cnt = pcnt[:, :, None]
     n = pcnt.sum(dim=0)[:, None]
-    mean = psum.sum(dim=0) / n
-    d = torch.where(cnt > 0, psum / cnt.clamp_min(1) - mean, torch.zeros_like(psum))
+    tile_mean = psum / cnt.clamp_min(1)
+    # the mean as offsets from tile 0's mean (tile 0 holds pixel (0, 0), on every grid): small
+    # numbers to sum, so little rounding even when |mean| >> std
+    ref = tile_mean[0]
+    mean = ref + (cnt * (tile_mean - ref)).sum(dim=0) / n
+    d = torch.where(cnt > 0, tile_mean - mean, torch.zeros_like(psum))
     m2 = (pm2 + cnt * d * d).sum(dim=0)
     eps_t = torch.tensor([float(e) for e in eps], dtype=psum.dtype).to(psum.device, non_blocking=True)[:, None]
     invstd = torch.rsqrt(m2 / n + eps_t)
     var = m2 / (n - 1).clamp_min(1)
-    scale = gamma * invstd
-    return mean, invstd, var, scale, beta - mean * scale
+    return mean, invstd, var, gamma * invstd
 
 
 def _out_len(n, s):
@@ -386,14 +400,14 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
         psum = torch.empty((NP, 3, C), device=dev, dtype=acc)
         pm2 = torch.empty((NP, 3, C), device=dev, dtype=acc)
         pcnt = torch.empty((NP, 3), device=dev, dtype=acc)
-        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, ys[0], ys[1], ys[2], g, be, psum, pm2, pcnt,
+        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, ys[0], ys[1], ys[2], g, g, be, psum, pm2, pcnt,
                                B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
                                TRAIN=True, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=warps)
-        mean, invstd, var, scale, shift = _merge_stats(psum, pm2, pcnt, g, be, eps)
+        mean, invstd, var, scale = _merge_stats(psum, pm2, pcnt, g, eps)
         NQ, NK = B * HQ * WQ, B * HK * WK
         EP, EC = _elementwise_blocks(C)
         _normalise_kernel[(triton.cdiv(max(NQ, NK), EP), triton.cdiv(C, EC))](
-            ys[0], ys[1], ys[2], outs[0], outs[1], outs[2], scale, shift, NQ, NK, C,
+            ys[0], ys[1], ys[2], outs[0], outs[1], outs[2], mean, scale, be, NQ, NK, C,
             ACC=tl_acc, BLOCK_P=EP, BLOCK_C=EC)
     else:
         ys = [x.new_empty(0) for _ in range(3)]
@@ -402,8 +416,7 @@ def forward(x, weight, gamma, beta, running_mean, running_var, eps, stride_q, st
         eps_t = torch.tensor(list(eps), dtype=acc).to(dev, non_blocking=True)[:, None]
         invstd = torch.rsqrt(var + eps_t)
         scale = g * invstd
-        shift = be - mean * scale
-        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, outs[0], outs[1], outs[2], scale, shift,
+        _conv_fwd_kernel[grid](x, sx[0], sx[1], sx[2], sx[3], w, outs[0], outs[1], outs[2], mean, scale, be,
                                scale, scale, scale, B, H, W, C, stride_q, stride_kv, HQ, WQ, HK, WK,
                                TRAIN=False, ACC=tl_acc, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=warps)
     return (*outs, *ys, mean, invstd, var)

@@ -214,6 +214,36 @@ def test_gradients_with_unused_projections(backend, used):
             assert rel_error(g, e) < 1e-4, p
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("C", [16, 24])
+def test_batch_stats_with_mean_far_above_std(backend, C):
+    # |mean| / std ~ 1e4 in the conv outputs too (weights close to a centre tap, so the zero
+    # padding adds little spread): statistics from sum(y^2) - sum(y)^2 / n in float32 would
+    # lose every digit of the variance
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, C, 14, 14, generator=g) * 0.01 + 100.0
+    ws = []
+    for _ in range(3):
+        w = torch.randn(C, 1, 3, 3, generator=g) * 1e-5
+        w[:, 0, 1, 1] = torch.rand(C, generator=g) + 0.5
+        ws.append(w)
+    bns = [nn.BatchNorm2d(C) for _ in range(3)]
+    with poisoned_triton():
+        got = ops.conv_qkv_projection(x, ws, bns, training=True, backend=backend)
+    F = torch.nn.functional
+    for out, w, s, bn in zip(got, ws, (1, 2, 2), bns):
+        # judged against eager PyTorch in float32, whose conv output already carries an error
+        # of eps * |mean| / std ~ 1e-3 after normalising
+        y = F.conv2d(x.double(), w.double(), stride=s, padding=1, groups=C)
+        want = F.batch_norm(y, None, None, training=True, eps=1e-5).flatten(2).transpose(1, 2)
+        y32 = F.conv2d(x, w, stride=s, padding=1, groups=C)
+        eager = F.batch_norm(y32, None, None, training=True, eps=1e-5).flatten(2).transpose(1, 2)
+        assert rel_error(out, want) <= 3 * rel_error(eager, want) + 1e-6
+        var = y.var(dim=(0, 2, 3))
+        assert rel_error(bn.running_var, 0.9 + 0.1 * var) <= 3 * rel_error(0.9 + 0.1 * y32.var(dim=(0, 2, 3)),
+                                                                              0.9 + 0.1 * var) + 1e-6
+
+
 def _bn_modules(C, momentum, seed):
     torch.manual_seed(seed)
     convs = [nn.Conv2d(C, C, 3, stride=s, padding=1, groups=C, bias=False) for s in (1, 2, 2)]

@@ -48,6 +48,9 @@ struct Scalar {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V set1(acc_t v) { return v; }
+  static void stream(acc_t* p, V v) { *p = v; }
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -65,6 +68,9 @@ struct Avx2F {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
 };
 #endif
 
@@ -83,6 +89,9 @@ struct Avx512F {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
 };
 #endif
 
@@ -143,20 +152,52 @@ inline void for_channel_vectors(int64_t C, F&& f) {
 // registers across the row. S is the stride when it is 1 or 2, known at compile time: interior
 // outputs then go NO at a time, each loaded column feeding every output it touches, with NO
 // independent FMA chains. Column edges, and any other stride (S = 0, s_rt), take the checked
-// per-output path. AFFINE: the epilogue scale * y + shift (see conv_row).
-template <typename O, int S, int NO, bool AFFINE, typename scalar_t, typename acc_t, typename out_t>
+// per-output path. EPI, the epilogue (see conv_row): RAW stores y; AFFINE stores
+// (y - mean) * scale + beta;
+// STATS stores y with non-temporal stores when `stream` (nothing reads it back here) and writes
+// the row's mean and M2 to rmean[c0:], rm2[c0:], from sums of y - y[0] kept in registers
+// (shifted data: no cancellation while the row's first value is within a few deviations of its
+// mean).
+enum class Epilogue { RAW, AFFINE, STATS };
+
+template <typename O, int S, int NO, Epilogue EPI, typename scalar_t, typename acc_t, typename out_t>
 __attribute__((always_inline)) inline void conv_row_vector(
     const scalar_t* const* xr, int64_t W, int64_t C, int64_t s_rt, int64_t Wo, const acc_t* wp, int64_t c0,
-    out_t* dst, const acc_t* scale, const acc_t* shift) {
+    out_t* dst, const acc_t* mean, const acc_t* scale, const acc_t* beta, acc_t* rmean, acc_t* rm2,
+    bool stream) {
   using V = typename O::V;
   const int64_t s = S ? S : s_rt;
   V wv[9];  // kept in registers across the row
   for (int t = 0; t < 9; ++t) wv[t] = O::load(wp + t * C + c0);
-  V sc = O::zero(), sh = O::zero();
-  if constexpr (AFFINE) { sc = O::load(scale + c0); sh = O::load(shift + c0); }
+  V mu = O::zero(), sc = O::zero(), be = O::zero(), k0 = O::zero(), s1 = O::zero(), s2 = O::zero();
+  if constexpr (EPI == Epilogue::AFFINE) {
+    mu = O::load(mean + c0);
+    sc = O::load(scale + c0);
+    be = O::load(beta + c0);
+  }
   auto emit = [&](int64_t ow, V a) {
-    if constexpr (AFFINE) a = O::fma(a, sc, sh);
+    if constexpr (EPI == Epilogue::AFFINE) a = O::fma(O::sub(a, mu), sc, be);
+    if constexpr (EPI == Epilogue::STATS) {
+      if (ow == 0) k0 = a;  // output 0 is always emitted first
+      const V d = O::sub(a, k0);
+      s1 = O::add(s1, d);
+      s2 = O::fma(d, d, s2);
+      if constexpr (std::is_same_v<out_t, acc_t>) {
+        if (stream) {
+          O::stream(dst + ow * C + c0, a);
+          return;
+        }
+      }
+    }
     O::put(dst + ow * C + c0, a);
+  };
+  auto finish = [&] {
+    if constexpr (EPI == Epilogue::STATS) {
+      // mean = y[0] + s1 / Wo, M2 = s2 - s1^2 / Wo
+      const V inv = O::set1(acc_t(1) / static_cast<acc_t>(Wo));
+      O::store(rmean + c0, O::fma(s1, inv, k0));
+      O::store(rm2 + c0, O::sub(s2, O::mul(O::mul(s1, s1), inv)));
+    }
   };
   auto checked = [&](int64_t ow) {
     V a = O::zero();
@@ -171,6 +212,7 @@ __attribute__((always_inline)) inline void conv_row_vector(
   const int64_t lo = 1, hi = std::min(Wo - 1, W >= 2 ? (W - 2) / s : int64_t(-1));
   if (hi < lo) {
     for (int64_t ow = 0; ow < Wo; ++ow) checked(ow);
+    finish();
     return;
   }
   checked(0);
@@ -208,18 +250,32 @@ __attribute__((always_inline)) inline void conv_row_vector(
   }
   for (; ow <= hi; ++ow) checked(ow);
   for (ow = hi + 1; ow < Wo; ++ow) checked(ow);
+  finish();
 }
+
+// BatchNorm's affine map, [3, C] each, applied as (y - mean) * scale + beta: folded into
+// scale * y + shift it would cancel badly when |mean| >> std (y * scale and shift then nearly
+// equal and opposite).
+template <typename acc_t>
+struct Affine {
+  const acc_t* mean;
+  const acc_t* scale;  // gamma * invstd
+  const acc_t* beta;
+};
 
 // Depthwise 3x3 conv of input centre row h of image b for every projection p with dst[p] set
 // (the caller sets only projections whose grid holds row h: h % s[p] == 0). dst[p] points at
-// output column 0 of that output row ([Wo_p, C], channels last). Epilogue: the raw conv value y,
-// or, when scale is given, scale[p, c] * y + shift[p, c] (BatchNorm folded into an affine map);
-// stored as out_t. wt is [3, 9, C] (taps outermost, so the channel loop is contiguous); zrow is
-// a zero row of W * C values standing in for the padding rows.
+// output column 0 of that output row ([Wo_p, C], channels last). Epilogue: the raw conv value y;
+// or, when affine is given, BatchNorm's (y - mean[p, c]) * scale[p, c] + beta[p, c];
+// or, when rmean is given, y plus the row's per-channel mean and M2 into rmean[p], rm2[p] ([C]
+// each), with y written by non-temporal stores when `stream` (dst rows 64-byte aligned, C a
+// multiple of 16). Stored as out_t. wt is [3, 9, C] (taps outermost, so the channel loop is
+// contiguous); zrow is a zero row of W * C values standing in for the padding rows.
 template <typename scalar_t, typename acc_t, typename out_t>
 inline void conv_row(const scalar_t* X, const acc_t* wt, const scalar_t* zrow, int64_t b, int64_t h, int64_t H,
-                     int64_t W, int64_t C, const int64_t* s, out_t* const* dst, const acc_t* scale,
-                     const acc_t* shift) {
+                     int64_t W, int64_t C, const int64_t* s, out_t* const* dst, const Affine<acc_t>* affine,
+                     acc_t* const* rmean = nullptr, acc_t* const* rm2 = nullptr,
+                     bool stream = false) {
   const scalar_t* xr[3];
   input_rows(X, zrow, b, h, H, W, C, xr);
   // Rows are visited in order and each channel vector strides across a row, which the hardware
@@ -232,21 +288,29 @@ inline void conv_row(const scalar_t* X, const acc_t* wt, const scalar_t* zrow, i
   for (int p = 0; p < 3; ++p) {
     if (!dst[p]) continue;
     const int64_t Wo = out_len(W, s[p]);
-    const acc_t* sc = scale ? scale + p * C : nullptr;
-    const acc_t* sh = shift ? shift + p * C : nullptr;
+    const acc_t* mu = affine ? affine->mean + p * C : nullptr;
+    const acc_t* sc = affine ? affine->scale + p * C : nullptr;
+    const acc_t* be = affine ? affine->beta + p * C : nullptr;
+    acc_t* ps = rmean ? rmean[p] : nullptr;
+    acc_t* pm = rm2 ? rm2[p] : nullptr;
     const acc_t* wp = wt + p * 9 * C;
     for_channel_vectors<scalar_t, acc_t>(C, [&](auto ot, int64_t c0) {
       using O = typename decltype(ot)::type;
-      auto run = [&](auto affine) {
-        constexpr bool A = decltype(affine)::value;
+      auto run = [&](auto epi) {
+        constexpr Epilogue E = decltype(epi)::value;
         if (s[p] == 1)
-          conv_row_vector<O, 1, 8, A, scalar_t, acc_t, out_t>(xr, W, C, 1, Wo, wp, c0, dst[p], sc, sh);
+          conv_row_vector<O, 1, 8, E, scalar_t, acc_t, out_t>(xr, W, C, 1, Wo, wp, c0, dst[p], mu, sc, be, ps, pm,
+                                                              stream);
         else if (s[p] == 2)
-          conv_row_vector<O, 2, 8, A, scalar_t, acc_t, out_t>(xr, W, C, 2, Wo, wp, c0, dst[p], sc, sh);
+          conv_row_vector<O, 2, 8, E, scalar_t, acc_t, out_t>(xr, W, C, 2, Wo, wp, c0, dst[p], mu, sc, be, ps, pm,
+                                                              stream);
         else
-          conv_row_vector<O, 0, 1, A, scalar_t, acc_t, out_t>(xr, W, C, s[p], Wo, wp, c0, dst[p], sc, sh);
+          conv_row_vector<O, 0, 1, E, scalar_t, acc_t, out_t>(xr, W, C, s[p], Wo, wp, c0, dst[p], mu, sc, be, ps,
+                                                              pm, stream);
       };
-      if (sc) run(std::true_type{}); else run(std::false_type{});
+      if (sc) run(std::integral_constant<Epilogue, Epilogue::AFFINE>{});
+      else if (ps) run(std::integral_constant<Epilogue, Epilogue::STATS>{});
+      else run(std::integral_constant<Epilogue, Epilogue::RAW>{});
     });
   }
 }
@@ -369,18 +433,20 @@ inline void dx_row_vector(acc_t* dx, const acc_t* const* dyr, const typename O::
   for (; w < W; ++w) checked(w);
 }
 
-// out[c] = y[c] * scale[c] + shift[c] for one float pixel row written with non-temporal stores:
+// out[c] = (y[c] - mean[c]) * scale[c] + beta[c] for one float pixel row written with
+// non-temporal stores:
 // the tokens are not read again here, and streaming them skips the read-for-ownership of every
 // output line (a third of this pass's memory traffic). Returns false (nothing written) where
 // this does not apply: another dtype, no AVX2, C not a multiple of 8 or an unaligned row.
 template <typename scalar_t, typename acc_t>
-inline bool stream_affine_row(scalar_t* out, const acc_t* y, const acc_t* scale, const acc_t* shift, int64_t C) {
+inline bool stream_affine_row(scalar_t* out, const acc_t* y, const Affine<acc_t>& aff, int64_t p, int64_t C) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     if (C % 8 != 0 || reinterpret_cast<uintptr_t>(out) % 32 != 0) return false;
+    const float *mu = aff.mean + p * C, *sc = aff.scale + p * C, *be = aff.beta + p * C;
     for (int64_t c = 0; c < C; c += 8)
-      _mm256_stream_ps(out + c, _mm256_fmadd_ps(_mm256_loadu_ps(y + c), _mm256_loadu_ps(scale + c),
-                                                _mm256_loadu_ps(shift + c)));
+      _mm256_stream_ps(out + c, _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(y + c), _mm256_loadu_ps(mu + c)),
+                                                _mm256_loadu_ps(sc + c), _mm256_loadu_ps(be + c)));
     return true;
   }
 #endif
@@ -471,78 +537,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     acc_t* IS = invstd.data_ptr<acc_t>();
     acc_t* V = var.data_ptr<acc_t>();
     if (use_batch_stats) {
-      // pass 1: per input row, the conv rows of every projection on it, then their per-row
-      // partials (sum, M2 around the row mean) while the row is in cache: [3, B*H, C], off-grid
-      // rows unused
-      Tensor psum = at::empty({3, B * H, C}, aopt), pm2 = at::empty({3, B * H, C}, aopt);
-      acc_t* PS = psum.data_ptr<acc_t>();
+      // pass 1: per input row, the conv rows of every projection on it with their per-row
+      // partials (mean, M2 around it) from registers: [3, B*H, C], off-grid rows unused
+      Tensor pmean = at::empty({3, B * H, C}, aopt), pm2 = at::empty({3, B * H, C}, aopt);
+      acc_t* PS = pmean.data_ptr<acc_t>();
       acc_t* PM = pm2.data_ptr<acc_t>();
       acc_t* Y[3] = {yacc[0].data_ptr<acc_t>(), yacc[1].data_ptr<acc_t>(), yacc[2].data_ptr<acc_t>()};
+      // y is not read again in this pass: stream it out where every row is 64-byte aligned
+      bool stream = C % 16 == 0;
+      for (int p = 0; p < 3; ++p) stream = stream && reinterpret_cast<uintptr_t>(Y[p]) % 64 == 0;
       at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / H, h = r % H;
           acc_t* d[3];
+          acc_t* ps[3];
+          acc_t* pm[3];
           bool any = false;
           for (int p = 0; p < 3; ++p) {
             d[p] = h % s[p] == 0 ? Y[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
+            ps[p] = PS + (p * B * H + r) * C;
+            pm[p] = PM + (p * B * H + r) * C;
             any = any || d[p];
           }
-          if (!any) continue;
-          conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr, nullptr);
-          for (int p = 0; p < 3; ++p) {
-            if (!d[p]) continue;
-            acc_t* ps = PS + (p * B * H + r) * C;
-            acc_t* pm = PM + (p * B * H + r) * C;
-            const acc_t* row = d[p];
-            for (int64_t c = 0; c < C; ++c) ps[c] = 0;
-            for (int64_t o = 0; o < Wo[p]; ++o) {
-_Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) ps[c] += row[o * C + c];
-            }
-            const acc_t inv_n = acc_t(1) / static_cast<acc_t>(Wo[p]);
-            for (int64_t c = 0; c < C; ++c) pm[c] = 0;
-            for (int64_t o = 0; o < Wo[p]; ++o) {
-_Pragma("omp simd")
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t dv = row[o * C + c] - ps[c] * inv_n;
-                pm[c] += dv * dv;
-              }
-            }
-          }
+          if (any) conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr, ps, pm, stream);
         }
+        stream_fence();
       });
-      // merge the per-row partials in row order (deterministic), parallel over channel blocks
+      // merge the per-row partials in row order (deterministic), parallel over channel blocks.
+      // Every row holds Wo values, so the mean is the mean of the row means, summed as offsets
+      // from the first row's (small numbers, little rounding even when |mean| >> std); then
+      // M2 = sum over rows of M2_row + Wo * (mean_row - mean)^2 (Chan).
       for (int p = 0; p < 3; ++p) {
         const int64_t n_total = B * Ho[p] * Wo[p];
         TORCH_CHECK(n_total > 1, "conv_qkv_projection_fwd: batch statistics need more than one value per channel");
         const acc_t* ps = PS + p * B * H * C;
         const acc_t* pm = PM + p * B * H * C;
-        const acc_t inv_total = acc_t(1) / static_cast<acc_t>(n_total);
+        const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(B * Ho[p]);
         const acc_t n_row = static_cast<acc_t>(Wo[p]);
         at::parallel_for(0, C, 16, [&](int64_t cbeg, int64_t cend) {
           const int64_t nc = cend - cbeg;
-          std::vector<acc_t> tot(nc, 0), m2(nc, 0);
-          acc_t* T = tot.data();
+          std::vector<acc_t> off(nc, 0), m2(nc, 0);
+          acc_t* T = off.data();
           acc_t* M2 = m2.data();
+          const acc_t* ref = ps + cbeg;  // row 0 of image 0 is on every grid
           for (int64_t r = 0; r < B * H; ++r) {
             if ((r % H) % s[p] != 0) continue;
             const acc_t* pr = ps + r * C + cbeg;
 _Pragma("omp simd")
-            for (int64_t c = 0; c < nc; ++c) T[c] += pr[c];
+            for (int64_t c = 0; c < nc; ++c) T[c] += pr[c] - ref[c];
           }
+          for (int64_t c = 0; c < nc; ++c) T[c] = ref[c] + T[c] * inv_rows;  // the mean
           for (int64_t r = 0; r < B * H; ++r) {
             if ((r % H) % s[p] != 0) continue;
             const acc_t* pr = ps + r * C + cbeg;
             const acc_t* qr = pm + r * C + cbeg;
 _Pragma("omp simd")
             for (int64_t c = 0; c < nc; ++c) {
-              const acc_t dv = pr[c] / n_row - T[c] * inv_total;
+              const acc_t dv = pr[c] - T[c];
               M2[c] += qr[c] + n_row * dv * dv;
             }
           }
           for (int64_t c = 0; c < nc; ++c) {
-            const acc_t vb = M2[c] * inv_total;
-            M[p * C + cbeg + c] = T[c] * inv_total;
+            const acc_t vb = M2[c] / static_cast<acc_t>(n_total);
+            M[p * C + cbeg + c] = T[c];
             IS[p * C + cbeg + c] = acc_t(1) / std::sqrt(vb + static_cast<acc_t>(eps[p]));
             V[p * C + cbeg + c] = M2[c] / static_cast<acc_t>(n_total - 1);
           }
@@ -561,11 +618,9 @@ _Pragma("omp simd")
     }
     const acc_t* G = g.data_ptr<acc_t>();
     const acc_t* Be = be.data_ptr<acc_t>();
-    std::vector<acc_t> scale(3 * C), shift(3 * C);
-    for (int64_t k = 0; k < 3 * C; ++k) {
-      scale[k] = G[k] * IS[k];
-      shift[k] = Be[k] - M[k] * scale[k];
-    }
+    std::vector<acc_t> scale(3 * C);
+    for (int64_t k = 0; k < 3 * C; ++k) scale[k] = G[k] * IS[k];
+    const Affine<acc_t> aff{M, scale.data(), Be};
     scalar_t* OUT[3] = {out[0].data_ptr<scalar_t>(), out[1].data_ptr<scalar_t>(), out[2].data_ptr<scalar_t>()};
     if (!use_batch_stats) {
       // eval: one pass, the conv normalised in registers and written once as tokens
@@ -578,7 +633,7 @@ _Pragma("omp simd")
             d[p] = h % s[p] == 0 ? OUT[p] + ((b * Ho[p] + h / s[p]) * Wo[p]) * C : nullptr;
             any = any || d[p];
           }
-          if (any) conv_row<scalar_t, acc_t, scalar_t>(X, WT, Z, b, h, H, W, C, s, d, scale.data(), shift.data());
+          if (any) conv_row<scalar_t, acc_t, scalar_t>(X, WT, Z, b, h, H, W, C, s, d, &aff);
         }
       });
       return;
@@ -586,15 +641,15 @@ _Pragma("omp simd")
     // train, pass 2: normalise the stored conv outputs (and copy them to x's dtype when it differs)
     for (int p = 0; p < 3; ++p) {
       const acc_t* y = yacc[p].data_ptr<acc_t>();
-      const acc_t* sc = scale.data() + p * C;
-      const acc_t* sh = shift.data() + p * C;
+      const acc_t *mu = M + p * C, *sc = scale.data() + p * C, *bt = Be + p * C;
       scalar_t* o = OUT[p];
       scalar_t* ys = ysave[p].is_same(yacc[p]) ? nullptr : ysave[p].data_ptr<scalar_t>();
       at::parallel_for(0, B * Ho[p] * Wo[p], 64, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          if (!stream_affine_row(o + i * C, y + i * C, sc, sh, C)) {
+          if (!stream_affine_row(o + i * C, y + i * C, aff, p, C)) {
 _Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) o[i * C + c] = static_cast<scalar_t>(y[i * C + c] * sc[c] + sh[c]);
+            for (int64_t c = 0; c < C; ++c)
+              o[i * C + c] = static_cast<scalar_t>((y[i * C + c] - mu[c]) * sc[c] + bt[c]);
           }
           if (ys) {
 _Pragma("omp simd")
@@ -665,7 +720,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(
           d[p] = h % s[p] == 0 && !Yp[p] ? buf.data() + off[p] : nullptr;
           recompute = recompute || d[p];
         }
-        if (recompute) conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr, nullptr);
+        if (recompute) conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, b, h, H, W, C, s, d, nullptr);
         for (int p = 0; p < 3; ++p) {
           if (h % s[p] != 0) continue;
           const int64_t Wop = Wo[p];
@@ -775,8 +830,7 @@ _Pragma("omp simd")
             for (int64_t o = lo[p]; o <= hi[p]; ++o) {
               acc_t* d[3] = {nullptr, nullptr, nullptr};
               d[p] = D + (o - lo[p]) * Wo[p] * C;
-              conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, o / Ho[p], (o % Ho[p]) * s[p], H, W, C, s, d, nullptr,
-                                               nullptr);
+              conv_row<scalar_t, acc_t, acc_t>(X, WT, Z, o / Ho[p], (o % Ho[p]) * s[p], H, W, C, s, d, nullptr);
             }
           const acc_t* CF = coef[p].data();
           const acc_t *CA = CF, *CB = CF + C, *CE = CF + 2 * C, *CM = CF + 3 * C;
