@@ -153,11 +153,10 @@ inline void for_channel_vectors(int64_t C, F&& f) {
 // outputs then go NO at a time, each loaded column feeding every output it touches, with NO
 // independent FMA chains. Column edges, and any other stride (S = 0, s_rt), take the checked
 // per-output path. EPI, the epilogue (see conv_row): RAW stores y; AFFINE stores
-// (y - mean) * scale + beta;
-// STATS stores y with non-temporal stores when `stream` (nothing reads it back here) and writes
-// the row's mean and M2 to rmean[c0:], rm2[c0:], from sums of y - y[0] kept in registers
-// (shifted data: no cancellation while the row's first value is within a few deviations of its
-// mean).
+// (y - mean) * scale + beta; STATS stores y (non-temporal stores when `stream`: nothing reads it
+// back here) and writes the row's mean and M2 to rmean[c0:], rm2[c0:], from sums of y - y[0]
+// kept in registers (shifted data: no cancellation while the row's first value is within a few
+// deviations of its mean).
 enum class Epilogue { RAW, AFFINE, STATS };
 
 template <typename O, int S, int NO, Epilogue EPI, typename scalar_t, typename acc_t, typename out_t>
