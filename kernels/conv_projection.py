@@ -62,6 +62,18 @@ def _elementwise_blocks(C: int):
 
 
 @triton.jit
+def _of(P: tl.constexpr, q, k, v):
+    """The q, k or v member of a per-projection triple, for projection ``P`` (0, 1, 2)."""
+    if P == 0:
+        r = q
+    elif P == 1:
+        r = k
+    else:
+        r = v
+    return r
+
+
+@triton.jit
 def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
                      mean_ptr, scale_ptr, beta_ptr, psum_ptr, pm2_ptr, pcnt_ptr,
                      B, H, W, C, SQ, SKV, HQ, WQ, HK, WK,
@@ -126,21 +138,10 @@ def _conv_fwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, yq_ptr, yk_ptr, yv_ptr,
             tl.store(pcnt_ptr + pid_p * 3 + 2, nkv)
     else:
         for p in tl.static_range(3):
-            if p == 0:
-                acc = cq
-                y_ptr = yq_ptr
-                idx = oq
-                mm = mq
-            elif p == 1:
-                acc = ck
-                y_ptr = yk_ptr
-                idx = ok
-                mm = mkv
-            else:
-                acc = cv
-                y_ptr = yv_ptr
-                idx = ok
-                mm = mkv
+            acc = _of(p, cq, ck, cv)
+            y_ptr = _of(p, yq_ptr, yk_ptr, yv_ptr)
+            idx = _of(p, oq, ok, ok)
+            mm = _of(p, mq, mkv, mkv)
             mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
             a = tl.load(scale_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
             be = tl.load(beta_ptr + p * C + offs_c, mask=mc, other=0.0).to(ACC)
@@ -156,18 +157,9 @@ def _normalise_kernel(yq_ptr, yk_ptr, yv_ptr, oq_ptr, ok_ptr, ov_ptr, mean_ptr, 
     mc = offs_c < C
     off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
     for p in tl.static_range(3):
-        if p == 0:
-            y_ptr = yq_ptr
-            o_ptr = oq_ptr
-            n = NQ
-        elif p == 1:
-            y_ptr = yk_ptr
-            o_ptr = ok_ptr
-            n = NK
-        else:
-            y_ptr = yv_ptr
-            o_ptr = ov_ptr
-            n = NK
+        y_ptr = _of(p, yq_ptr, yk_ptr, yv_ptr)
+        o_ptr = _of(p, oq_ptr, ok_ptr, ov_ptr)
+        n = _of(p, NQ, NK, NK)
         m = (rows < n)[:, None] & mc[None, :]
         mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
         a = tl.load(scale_ptr + p * C + offs_c, mask=mc, other=0.0)
@@ -187,18 +179,9 @@ def _bn_grad_partials_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, mea
     mc = offs_c < C
     off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
     for p in tl.static_range(3):
-        if p == 0:
-            g_ptr = gq_ptr
-            y_ptr = yq_ptr
-            n = NQ
-        elif p == 1:
-            g_ptr = gk_ptr
-            y_ptr = yk_ptr
-            n = NK
-        else:
-            g_ptr = gv_ptr
-            y_ptr = yv_ptr
-            n = NK
+        g_ptr = _of(p, gq_ptr, gk_ptr, gv_ptr)
+        y_ptr = _of(p, yq_ptr, yk_ptr, yv_ptr)
+        n = _of(p, NQ, NK, NK)
         m = (rows < n)[:, None] & mc[None, :]
         mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
         istd = tl.load(invstd_ptr + p * C + offs_c, mask=mc, other=0.0)
@@ -221,21 +204,10 @@ def _dy_kernel(gq_ptr, gk_ptr, gv_ptr, yq_ptr, yk_ptr, yv_ptr, coef_ptr, mean_pt
     mc = offs_c < C
     off = rows[:, None].to(tl.int64) * C + offs_c[None, :]
     for p in tl.static_range(3):
-        if p == 0:
-            g_ptr = gq_ptr
-            y_ptr = yq_ptr
-            dy_ptr = dyq_ptr
-            n = NQ
-        elif p == 1:
-            g_ptr = gk_ptr
-            y_ptr = yk_ptr
-            dy_ptr = dyk_ptr
-            n = NK
-        else:
-            g_ptr = gv_ptr
-            y_ptr = yv_ptr
-            dy_ptr = dyv_ptr
-            n = NK
+        g_ptr = _of(p, gq_ptr, gk_ptr, gv_ptr)
+        y_ptr = _of(p, yq_ptr, yk_ptr, yv_ptr)
+        dy_ptr = _of(p, dyq_ptr, dyk_ptr, dyv_ptr)
+        n = _of(p, NQ, NK, NK)
         m = (rows < n)[:, None] & mc[None, :]
         a = tl.load(coef_ptr + 3 * p * C + offs_c, mask=mc, other=0.0)
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
@@ -321,21 +293,10 @@ def _conv_bwd_kernel(x_ptr, sxb, sxh, sxw, sxc, w_ptr, dyq_ptr, dyk_ptr, dyv_ptr
         # eval mode: dbeta / dgamma partials from the recomputed conv outputs
         base = pid_p.to(tl.int64) * 6 * C
         for p in tl.static_range(3):
-            if p == 0:
-                g_ptr = gq_ptr
-                idx = oq
-                mm = mq
-                yr = rq
-            elif p == 1:
-                g_ptr = gk_ptr
-                idx = ok
-                mm = mkv
-                yr = rk
-            else:
-                g_ptr = gv_ptr
-                idx = ok
-                mm = mkv
-                yr = rv
+            g_ptr = _of(p, gq_ptr, gk_ptr, gv_ptr)
+            idx = _of(p, oq, ok, ok)
+            mm = _of(p, mq, mkv, mkv)
+            yr = _of(p, rq, rk, rv)
             mu = tl.load(mean_ptr + p * C + offs_c, mask=mc, other=0.0)
             istd = tl.load(invstd_ptr + p * C + offs_c, mask=mc, other=0.0)
             g = tl.load(g_ptr + idx[:, None] * C + offs_c[None, :], mask=mm, other=0.0).to(ACC)
