@@ -1,4 +1,5 @@
 """``python -m ssl_fast.info``: what this installation can run, and why not."""
+import json
 import os
 import platform
 import sys
@@ -14,6 +15,28 @@ OPS = {
     "dino_loss": ("ssl_fast.ops.dino_loss", ["dino_loss_fwd", "dino_loss_bwd"]),
     "ema_": ("ssl_fast.ops.ema", ["ema_"]),
 }
+
+
+def build_summary() -> str:
+    """One line on what ``setup.py`` built, with which torch and compilers (from the
+    ``_build_info.json`` it writes), and whether the built extension loads here."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = None
+    loaded = "loads" if _ext.extension_error() is None else f"does not load: {_ext.extension_error()}"
+    if info is None:
+        return f"ssl_fast._C: no build record ({path} missing: not installed with setup.py); {loaded}"
+    if not info.get("built"):
+        return f"ssl_fast._C: not built ({info.get('why')}); {loaded}"
+    kinds = ("CPU + CUDA kernels (nvcc {nvcc} at {cuda_home}, archs {cuda_archs})".format(**info)
+             if info.get("cuda") else f"CPU kernels only (no CUDA: {info.get('cuda_why_not')})")
+    built_with = f"torch {info.get('torch')}, {info.get('cxx')}, {' '.join(info.get('cxx_flags') or [])}"
+    stale = ("" if info.get("torch") == torch.__version__ else
+             f"; WARNING: built against torch {info.get('torch')} but torch {torch.__version__} is installed, rebuild")
+    return f"ssl_fast._C: {kinds}; built with {built_with}; {loaded}{stale}"
 
 
 def _devices():
@@ -32,7 +55,7 @@ def report() -> str:
         f"triton: {_triton.TRITON_VERSION or 'not available'}"
         f"{' (interpreter: TRITON_INTERPRET=1)' if _triton.INTERPRET else ''}",
         f"CUDA: {torch.cuda.get_device_name(0) + ', CUDA ' + str(torch.version.cuda) if torch.cuda.is_available() else 'not available (torch.cuda.is_available() is False)'}",
-        f"extension ssl_fast._C: {'loaded' if _ext.extension_error() is None else _ext.extension_error()}",
+        build_summary(),
         f"backend in force: {_backend.get_backend()} (SSL_FAST_BACKEND={os.environ.get('SSL_FAST_BACKEND', '')!r})",
         "",
         "op / device / backend: status",
@@ -48,8 +71,9 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    print(report())
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    print(build_summary() if "--build" in argv else report())
     return 0
 
 
