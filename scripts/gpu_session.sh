@@ -29,6 +29,7 @@ t0=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
   || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
+"$PY" -m ssl_fast.info --build | tee "$OUT/build_info.txt"
 
 case "$STEP" in
   check)
