@@ -28,8 +28,10 @@ class RelPosAttention(nn.Module):
     linear interpolation to ``2 * H - 1`` / ``2 * W - 1`` rows on the fly (as SAM does). Loading a
     state dict whose tables have another length resizes them the same way.
 
-    Names match timm (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``proj``, ``proj_drop``,
-    ``rel_pos_h``, ``rel_pos_w``), so state dicts load both ways.
+    Names, creation order and attributes match timm's ``vision_transformer_sam.Attention``
+    (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``proj``, ``proj_drop``, ``rel_pos_h``,
+    ``rel_pos_w``, ``use_rel_pos``, ``rope``, ``fused_attn``), so state dicts load both ways and the
+    same seed gives the same weights. Rotary position embedding (timm's ``rope=``) is not served.
 
     Args:
         dim: channels ``C`` (divisible by ``num_heads``).
@@ -38,7 +40,7 @@ class RelPosAttention(nn.Module):
         qk_norm: normalise q and k per head with ``norm_layer``.
         attn_drop: dropout on the attention probabilities (training only).
         proj_drop: dropout after the output projection.
-        norm_layer: normalisation class for ``qk_norm``.
+        norm_layer: normalisation class for ``qk_norm`` (called with the width and ``device``/``dtype``).
         use_rel_pos: add the decomposed relative-position terms.
         input_size: ``(H, W)`` grid the tables are sized for (required with ``use_rel_pos``).
         rope: not supported; anything but ``None`` raises ``ValueError``.
@@ -65,8 +67,8 @@ class RelPosAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = True
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)

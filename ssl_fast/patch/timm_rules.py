@@ -1,18 +1,108 @@
-"""Rules for timm: ViT ``Attention`` (timm.layers), Swin ``WindowAttention``, SAM-ViT ``Attention``."""
-from typing import Optional
+"""Rules for timm: ViT ``Attention`` (``timm.layers``), Swin ``WindowAttention``, SAM-ViT ``Attention``.
+
+Each ``_match_*`` is a cheap look at the class name and attributes; each ``_convert_*`` then checks,
+in this order, that the module is the variant the drop-in computes exactly, and raises
+:class:`Unsupported` with the reason otherwise:
+
+1. options the drop-in lacks (rope, Swin V2's cosine attention);
+2. state: no registered children, parameters or buffers beyond timm's (BEiT's ``q_bias``/``v_bias``
+   and its relative-position table, say);
+3. the forward's parameters: only those the drop-in serves (BEiT's ``shared_rel_pos_bias`` is not);
+4. the layers: ``qkv``/``proj`` are ``nn.Linear`` of consistent widths, ``attn_drop`` an ``nn.Dropout``,
+   position tables of the shapes the drop-in reads;
+5. behaviour: the forward, run on fake tensors (nothing computed), takes the drop-in's input
+   layout and returns one tensor of the drop-in's output shape; a module of the same name that
+   takes a 4-D map (NesT, FastViT, VOLO) or returns ``(x, attn)`` (the official DINO ViT) fails here;
+6. the logit scale: timm's SDPA path (``fused_attn=True``) ignores ``self.scale``, so a module
+   whose ``scale`` was changed from ``head_dim ** -0.5`` computes something that depends on the
+   path, and is skipped.
+
+The replacement shares the original's parameters, buffers and submodules (the same objects),
+copies ``fused_attn`` and the train/eval mode, and has the methods timm calls on it
+(``set_window_size``, ``reset_parameters``, ``init_non_persistent_buffers`` for Swin).
+"""
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, require_dropout,
-                                   require_forward, require_linear, require_maps_to_same_shape, unexpected_state)
+from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, probe,
+                                   require_dropout, require_forward, require_linear, unexpected_state)
 from ssl_fast.nn.attention import Attention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
 from ssl_fast.reference.attention import window_relative_index
 
 
-_VIT_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop")
+# ----------------------------------------------------------------------------------------------
+# shared checks
+# ----------------------------------------------------------------------------------------------
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _other_layout(m: nn.Module, channels: int) -> Optional[str]:
+    """For a forward that refused the drop-in's layout: the 4-D layout it takes, if any."""
+    for shape, what in (((2, 3, 4, channels), "a 4-D channels-last input ([B, H, W, C] or [B, T, N, C])"),
+                        ((2, channels, 3, 4), "a 4-D channels-first input ([B, C, H, W])")):
+        try:
+            probe(m, shape)
+        except Unsupported:
+            continue
+        return what
+    return None
+
+
+def _require_returns(m: nn.Module, shape: Sequence[int], out_shape: Sequence[int], layout: str,
+                     channels: int) -> None:
+    """Raise :class:`Unsupported` unless the forward takes ``shape`` (``layout`` names it) and
+    returns one tensor of ``out_shape``, checked on fake tensors."""
+    try:
+        out = probe(m, shape)
+    except Unsupported as exc:
+        other = _other_layout(m, channels)
+        taken = f"; it takes {other}" if other else ""
+        raise Unsupported(f"not the {layout} layout the drop-in takes: {exc}{taken}") from None
+    if isinstance(out, (tuple, list)):
+        raise Unsupported(f"its forward returns a {type(out).__name__} of {len(out)} for {layout} "
+                          f"{_shape(shape)} (e.g. (x, attn)); the drop-in returns one tensor")
+    if not isinstance(out, torch.Tensor):
+        raise Unsupported(f"its forward returns {type(out).__name__} for {layout}, not a tensor")
+    if tuple(out.shape) != tuple(out_shape):
+        raise Unsupported(f"its forward maps {layout} {_shape(shape)} to {_shape(out.shape)}; the "
+                          f"drop-in returns {_shape(out_shape)}")
+
+
+def _scale(m: nn.Module, head_dim: int) -> float:
+    """The logit scale the module computes with (see the module docstring, point 6)."""
+    scale = constant_scale(m, head_dim)
+    default = head_dim ** -0.5
+    if getattr(m, "fused_attn", False) and not math.isclose(scale, default, rel_tol=1e-12):
+        raise Unsupported(f"scale={scale:g} is not head_dim ** -0.5 = {default:g}, and timm's fused path "
+                          f"(fused_attn=True) ignores it: the result depends on the path")
+    return scale
+
+
+def _heads(m: nn.Module, qkv: nn.Linear) -> tuple:
+    heads = getattr(m, "num_heads", None)
+    if not isinstance(heads, int) or heads < 1:
+        raise Unsupported(f"num_heads is {heads!r}, not a positive int")
+    if qkv.out_features % (3 * heads) != 0:
+        raise Unsupported(f"qkv.out_features={qkv.out_features} is not 3 * num_heads * head_dim")
+    return heads, qkv.out_features // (3 * heads)
+
+
+def _keep(new: nn.Module, old: nn.Module) -> None:
+    if hasattr(old, "fused_attn"):
+        new.fused_attn = bool(old.fused_attn)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm.layers.Attention (ViT, DeiT, DeiT-3, CLIP, FlexiViT, DINOv2, ...)
+# ----------------------------------------------------------------------------------------------
+_VIT_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+_VIT_FORWARD = ("x", "attn_mask", "is_causal")
 
 
 def _match_timm_vit(m: nn.Module) -> bool:
@@ -23,19 +113,28 @@ def _match_timm_vit(m: nn.Module) -> bool:
 def _convert_timm_vit(m: nn.Module) -> nn.Module:
     extra = unexpected_state(m, children=_VIT_CHILDREN)
     if extra:
-        raise Unsupported(f"not the plain timm Attention: extra state {extra}")
+        raise Unsupported(f"not timm's plain Attention: extra state {extra}")
+    require_forward(m, _VIT_FORWARD)
     qkv, proj = require_linear(m, "qkv"), require_linear(m, "proj")
     require_dropout(m, "attn_drop")
-    heads = int(m.num_heads)
-    if qkv.out_features % (3 * heads) != 0:
-        raise Unsupported(f"qkv.out_features={qkv.out_features} is not 3 * num_heads * head_dim")
-    head_dim = qkv.out_features // (3 * heads)
+    heads, head_dim = _heads(m, qkv)
     if getattr(m, "head_dim", head_dim) != head_dim or proj.in_features != heads * head_dim:
-        raise Unsupported("head_dim / proj width disagree with qkv")
-    new = Attention(qkv.in_features, heads, attn_head_dim=head_dim, dim_out=proj.out_features,
-                    qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None, device="meta")
-    new.scale = constant_scale(m, head_dim)
+        raise Unsupported("head_dim / proj.in_features disagree with qkv")
+    gate = getattr(m, "gate", None)
+    if gate is not None:
+        gate = require_linear(m, "gate")
+        if gate.in_features != qkv.in_features or gate.out_features != heads * head_dim:
+            raise Unsupported(f"gate is Linear({gate.in_features}, {gate.out_features}), not "
+                              f"Linear(dim, num_heads * head_dim)")
+    dim = qkv.in_features
+    _require_returns(m, (2, 5, dim), (2, 5, proj.out_features), "[B, N, C] tokens", dim)
+    scale = _scale(m, head_dim)
+    new = Attention(dim, heads, attn_head_dim=head_dim, dim_out=proj.out_features,
+                    qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None,
+                    gated=gate is not None, device="meta")
+    new.scale = scale
     adopt(new, m, [n for n in _VIT_CHILDREN if getattr(m, n, None) is not None])
+    _keep(new, m)
     return finish(new, m)
 
 
@@ -55,32 +154,36 @@ def _convert_timm_swin(m: nn.Module) -> nn.Module:
         raise Unsupported("Swin V2 cosine attention with a continuous position-bias MLP "
                           "(logit_scale, cpb_mlp) is not supported")
     extra = unexpected_state(m, children=_SWIN_CHILDREN, params=("relative_position_bias_table",),
-                        buffers=("relative_position_index",))
+                             buffers=("relative_position_index",))
     if extra:
-        raise Unsupported(f"not the plain Swin WindowAttention: extra state {extra}")
+        raise Unsupported(f"not timm's plain Swin WindowAttention: extra state {extra}")
+    require_forward(m, ("x", "mask"))
     qkv, proj = require_linear(m, "qkv"), require_linear(m, "proj")
     require_dropout(m, "attn_drop")
-    heads = int(m.num_heads)
+    heads, head_dim = _heads(m, qkv)
     window = m.window_size
     window = (window, window) if isinstance(window, int) else tuple(int(w) for w in window)
     table = m.relative_position_bias_table
-    if table.shape != ((2 * window[0] - 1) * (2 * window[1] - 1), heads):
-        raise Unsupported(f"relative_position_bias_table has shape {tuple(table.shape)}, not "
+    if table is None or table.shape != ((2 * window[0] - 1) * (2 * window[1] - 1), heads):
+        raise Unsupported(f"relative_position_bias_table has shape "
+                          f"{None if table is None else tuple(table.shape)}, not "
                           f"[(2Wh-1)(2Ww-1), num_heads] for window {window}")
     index = getattr(m, "relative_position_index", None)
     if index is None or not index.is_meta and not torch.equal(
             index.reshape(-1).long().cpu(), window_relative_index(window).reshape(-1)):
         raise Unsupported("relative_position_index is not Swin's standard index for the window")
-    if qkv.out_features % (3 * heads) != 0:
-        raise Unsupported(f"qkv.out_features={qkv.out_features} is not 3 * num_heads * head_dim")
-    head_dim = qkv.out_features // (3 * heads)
     if proj.in_features != heads * head_dim or proj.out_features != qkv.in_features:
         raise Unsupported("proj width disagrees with qkv")
-    new = WindowAttention(qkv.in_features, heads, head_dim=head_dim, window_size=window,
+    dim = qkv.in_features
+    n = window[0] * window[1]
+    _require_returns(m, (2, n, dim), (2, n, dim), "[B * nW, N, C] windows", dim)
+    scale = _scale(m, head_dim)
+    new = WindowAttention(dim, heads, head_dim=head_dim, window_size=window,
                           qkv_bias=qkv.bias is not None, device="meta")
-    new.scale = constant_scale(m, head_dim)
+    new.scale = scale
     adopt(new, m, [n for n in _SWIN_CHILDREN if getattr(m, n, None) is not None]
-           + ["relative_position_bias_table", "relative_position_index"])
+          + ["relative_position_bias_table", "relative_position_index"])
+    _keep(new, m)
     return finish(new, m)
 
 
@@ -96,31 +199,35 @@ def _match_timm_sam(m: nn.Module) -> bool:
 
 def _convert_timm_sam(m: nn.Module) -> nn.Module:
     if getattr(m, "rope", None) is not None:
-        raise Unsupported("rope (rotary position embedding) is not supported")
+        raise Unsupported("rope (rotary position embedding) is not served by RelPosAttention")
     extra = unexpected_state(m, children=_SAM_CHILDREN, params=("rel_pos_h", "rel_pos_w"))
     if extra:
-        raise Unsupported(f"not the plain SAM Attention: extra state {extra}")
+        raise Unsupported(f"not timm's plain SAM Attention: extra state {extra}")
+    require_forward(m, ("x",))
     qkv, proj = require_linear(m, "qkv"), require_linear(m, "proj")
     require_dropout(m, "attn_drop")
-    heads = int(m.num_heads)
+    heads, head_dim = _heads(m, qkv)
     dim = qkv.in_features
-    if qkv.out_features != 3 * dim or dim % heads != 0 or proj.in_features != dim:
-        raise Unsupported(f"qkv {qkv.in_features}->{qkv.out_features} is not dim -> 3 * dim with "
-                          f"dim divisible by num_heads")
+    if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
+        raise Unsupported(f"qkv {qkv.in_features}->{qkv.out_features}, proj {proj.in_features}->"
+                          f"{proj.out_features} are not dim -> 3 * dim, dim -> dim")
     use_rel_pos = bool(m.use_rel_pos)
-    input_size = None
+    input_size, grid = None, (2, 3)
     if use_rel_pos:
         h_t, w_t = getattr(m, "rel_pos_h", None), getattr(m, "rel_pos_w", None)
         if h_t is None or w_t is None:
             raise Unsupported("use_rel_pos is True but rel_pos_h/rel_pos_w are missing")
-        if h_t.shape[1] != dim // heads or w_t.shape[1] != dim // heads or h_t.shape[0] % 2 == 0 \
-                or w_t.shape[0] % 2 == 0:
+        if (h_t.dim() != 2 or w_t.dim() != 2 or h_t.shape[1] != head_dim or w_t.shape[1] != head_dim
+                or h_t.shape[0] % 2 == 0 or w_t.shape[0] % 2 == 0):
             raise Unsupported(f"rel_pos tables {tuple(h_t.shape)}, {tuple(w_t.shape)} are not "
                               f"[2 * size - 1, head_dim]")
-        input_size = ((h_t.shape[0] + 1) // 2, (w_t.shape[0] + 1) // 2)
+        input_size = grid = ((h_t.shape[0] + 1) // 2, (w_t.shape[0] + 1) // 2)
+    _require_returns(m, (2, *grid, dim), (2, *grid, dim), "[B, H, W, C] map", dim)
+    scale = _scale(m, head_dim)
     new = RelPosAttention(dim, heads, qkv_bias=qkv.bias is not None, use_rel_pos=use_rel_pos,
                           input_size=input_size, device="meta")
-    new.scale = constant_scale(m, dim // heads)
+    new.scale = scale
     names = [n for n in _SAM_CHILDREN if getattr(m, n, None) is not None]
     adopt(new, m, names + (["rel_pos_h", "rel_pos_w"] if use_rel_pos else []))
+    _keep(new, m)
     return finish(new, m)
