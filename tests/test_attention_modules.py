@@ -1,121 +1,42 @@
-"""Drop-in attention modules against plain re-statements of the modules they replace.
+"""Drop-in attention modules against the real modules they replace.
 
-torch's own ``nn.MultiheadAttention`` is the truth for :class:`ssl_fast.nn.MultiheadAttention`.
-timm is not installed here, so its Swin ``WindowAttention``, SAM ``Attention`` and
-``BottleneckAttn`` are re-stated below with timm's parameter names and the eager (materialised
-bias) math; the BoTNet relative logits use the pad-and-reshape relative-to-absolute trick, an
-indexing route independent of the op's.
+torch's ``nn.MultiheadAttention`` is the truth for :class:`ssl_fast.nn.MultiheadAttention`, and
+timm's own classes for the rest: ``timm.layers.Attention`` (:class:`Attention`), Swin's
+``WindowAttention`` (:class:`WindowAttention`), SAM-ViT's ``Attention`` (:class:`RelPosAttention`)
+and ``timm.layers.BottleneckAttn`` (:class:`BoTAttention` with relative position). Each is checked
+in both of timm's code paths where it has two (``fused_attn``: SDPA or the eager softmax).
+BoTNet's factorised absolute position logits (``AbsPosEmb``, used by CARE) have no installable
+implementation: :class:`AbsPosBottleneckAttn` re-states them from the BoTNet authors' reference
+gist (https://gist.github.com/aravindsrinivas/56359b79f0ce4449bcb04ab4b56a57a2), in the layout
+of timm's ``BottleneckAttn``.
 """
 import copy
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+from timm.models.vision_transformer_sam import Attention as TimmSamAttention
+from timm.models.vision_transformer_sam import get_rel_pos
 from torch import nn
 
 from helpers import backend_params, rel_error
 from ssl_fast import use_backend
-from ssl_fast.nn import BoTAttention, MultiheadAttention, RelPosAttention, WindowAttention
+from ssl_fast.nn import Attention, BoTAttention, MultiheadAttention, RelPosAttention, WindowAttention
 
 
 # ------------------------------------------------------------------------------------------
-# re-statements (eager math, timm names)
+# the one re-statement: BoTNet's absolute position embedding (no installable implementation)
 # ------------------------------------------------------------------------------------------
-def swin_index(wh, ww):
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+class AbsPosBottleneckAttn(nn.Module):
+    """BoTNet MHSA with ``AbsPosEmb`` (reference gist): ``logits = s q k^T + q (height[y'] + width[x'])^T``
+    (or ``s (q k^T + q emb^T)`` with ``scale_pos_embed``), eager math, timm's ``BottleneckAttn``
+    qkv layout (1x1 conv, channels ``[q heads | k heads | v heads]``)."""
 
-
-class EagerWindowAttention(nn.Module):
-    def __init__(self, dim, num_heads, head_dim=None, window_size=7, qkv_bias=True, attn_drop=0.0,
-                 proj_drop=0.0):
-        super().__init__()
-        self.window_size = (window_size, window_size) if isinstance(window_size, int) else tuple(window_size)
-        self.window_area = self.window_size[0] * self.window_size[1]
-        self.num_heads = num_heads
-        head_dim = head_dim or dim // num_heads
-        self.scale = head_dim ** -0.5
-        self.relative_position_bias_table = nn.Parameter(
-            torch.randn((2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1), num_heads) * 0.5)
-        self.register_buffer("relative_position_index", swin_index(*self.window_size), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * head_dim * num_heads, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(head_dim * num_heads, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.softmax = nn.Softmax(dim=-1)
-
-    def forward(self, x, mask=None):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        attn = attn + bias.reshape(n, n, -1).permute(2, 0, 1)[None]
-        if mask is not None:
-            nw = mask.shape[0]
-            attn = (attn.reshape(-1, nw, self.num_heads, n, n) + mask[None, :, None]).reshape(-1, self.num_heads, n, n)
-        attn = self.attn_drop(self.softmax(attn))
-        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1)))
-
-
-def sam_rel_pos(q_size, k_size, table):
-    length = 2 * max(q_size, k_size) - 1
-    if table.shape[0] != length:
-        table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length,
-                              mode="linear").reshape(-1, length).permute(1, 0)
-    qc = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
-    kc = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
-    return table[((qc - kc) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
-
-
-class EagerSamAttention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0,
-                 norm_layer=nn.LayerNorm, use_rel_pos=False, input_size=None, rope=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.use_rel_pos = use_rel_pos
-        if use_rel_pos:
-            self.rel_pos_h = nn.Parameter(torch.randn(2 * input_size[0] - 1, self.head_dim) * 0.3)
-            self.rel_pos_w = nn.Parameter(torch.randn(2 * input_size[1] - 1, self.head_dim) * 0.3)
-        self.rope = rope
-
-    def forward(self, x):
-        b, h, w, _ = x.shape
-        n = h * w
-        qkv = self.qkv(x.reshape(b, n, -1)).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            rh, rw = sam_rel_pos(h, h, self.rel_pos_h), sam_rel_pos(w, w, self.rel_pos_w)
-            r_q = q.reshape(-1, h, w, q.shape[-1])
-            term_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
-            term_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-            attn = attn + (term_h[..., :, None] + term_w[..., None, :]).reshape(-1, n, n)
-        attn = self.attn_drop(attn.softmax(-1))
-        out = (attn @ v).reshape(b, self.num_heads, n, -1).transpose(1, 2).reshape(b, n, -1)
-        return self.proj_drop(self.proj(out)).reshape(b, h, w, -1)
-
-
-def rel_to_abs_1d(q, table):
-    """BoTNet relative logits along the last grid axis: ``out[..., x, x'] = q[..., x, :] . table[x' - x + W - 1]``
-    via the pad / flatten / reshape shift (not by indexing)."""
-    b, rows, w, d = q.shape
-    x = (q @ table.t()).reshape(-1, w, 2 * w - 1)
-    x = F.pad(F.pad(x, [0, 1]).flatten(1), [0, w - 1]).reshape(-1, w + 1, 2 * w - 1)
-    return x[:, :w, w - 1:].reshape(b, rows, w, w)
-
-
-class EagerBottleneckAttn(nn.Module):
-    def __init__(self, dim, dim_out, feat_size, num_heads=4, pos_embed="rel", scale_pos_embed=False):
+    def __init__(self, dim, dim_out, feat_size, num_heads=4, scale_pos_embed=False):
         super().__init__()
         self.h, self.w = feat_size
         self.num_heads = num_heads
@@ -123,27 +44,10 @@ class EagerBottleneckAttn(nn.Module):
         self.dim_out = dim_out
         self.scale = self.dh ** -0.5
         self.scale_pos_embed = scale_pos_embed
-        self.kind = pos_embed
         self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=False)
         self.pos_embed = nn.Module()
-        if pos_embed == "rel":
-            self.pos_embed.height_rel = nn.Parameter(torch.randn(2 * self.h - 1, self.dh) * 0.3)
-            self.pos_embed.width_rel = nn.Parameter(torch.randn(2 * self.w - 1, self.dh) * 0.3)
-        else:
-            self.pos_embed.height = nn.Parameter(torch.randn(self.h, self.dh) * 0.3)
-            self.pos_embed.width = nn.Parameter(torch.randn(self.w, self.dh) * 0.3)
-
-    def pos_logits(self, q):  # q [B', N, d]
-        bb, n, d = q.shape
-        g = q.reshape(bb, self.h, self.w, d)
-        if self.kind == "abs":
-            emb = (self.pos_embed.height[:, None] + self.pos_embed.width[None]).reshape(n, d)
-            return q @ emb.t()
-        lw = rel_to_abs_1d(g, self.pos_embed.width_rel)  # [B', h, w, w']
-        lw = lw[:, :, :, None, :].expand(-1, -1, -1, self.h, -1)  # [B', y, x, y', x']
-        lh = rel_to_abs_1d(g.transpose(1, 2), self.pos_embed.height_rel)  # [B', x, y, y']
-        lh = lh.permute(0, 2, 1, 3)[..., None].expand(-1, -1, -1, -1, self.w)  # [B', y, x, y', x']
-        return (lh + lw).reshape(bb, n, n)
+        self.pos_embed.height = nn.Parameter(torch.randn(self.h, self.dh) * 0.3)
+        self.pos_embed.width = nn.Parameter(torch.randn(self.w, self.dh) * 0.3)
 
     def forward(self, x):
         b = x.shape[0]
@@ -151,10 +55,9 @@ class EagerBottleneckAttn(nn.Module):
         q = q.reshape(b * self.num_heads, self.dh, -1).transpose(-1, -2)
         k = k.reshape(b * self.num_heads, self.dh, -1)
         v = v.reshape(b * self.num_heads, self.dh, -1).transpose(-1, -2)
-        if self.scale_pos_embed:
-            attn = (q @ k + self.pos_logits(q)) * self.scale
-        else:
-            attn = (q @ k) * self.scale + self.pos_logits(q)
+        emb = (self.pos_embed.height[:, None] + self.pos_embed.width[None]).reshape(self.h * self.w, self.dh)
+        pos = q @ emb.t()
+        attn = (q @ k + pos) * self.scale if self.scale_pos_embed else (q @ k) * self.scale + pos
         out = attn.softmax(-1) @ v
         return out.transpose(-1, -2).reshape(b, self.dim_out, self.h, self.w)
 
@@ -415,6 +318,123 @@ def test_mha_nested_input_matches_padded():
         assert_close(o, mine(s[None], s[None], s[None], need_weights=False)[0][0])
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# the drop-ins keep timm's signatures and, under the same seed, build timm's weights
+# ------------------------------------------------------------------------------------------
+def _params(fn):
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("mine,ref", [(Attention, TimmAttention), (WindowAttention, TimmWindowAttention),
+                                      (RelPosAttention, TimmSamAttention)], ids=lambda c: c.__name__)
+def test_signatures_match_timm(mine, ref):
+    assert _params(mine.__init__) == _params(ref.__init__)
+    assert _params(mine.forward) == _params(ref.forward)
+
+
+SAME_SEED = {
+    "vit": (Attention, TimmAttention,
+            dict(qkv_bias=True, qk_norm=True, scale_norm=True, gated=True, norm_layer=nn.LayerNorm)),
+    "swin": (WindowAttention, TimmWindowAttention, dict(head_dim=5, window_size=(2, 3))),
+    "sam": (RelPosAttention, TimmSamAttention, dict(use_rel_pos=True, input_size=(3, 4), qk_norm=True)),
+}
+
+
+@pytest.mark.parametrize("kind", list(SAME_SEED))
+def test_same_seed_same_weights_as_timm(kind):
+    """Children in timm's order, and under one seed the same parameters and buffers (so a model
+    built with the drop-in, or re-initialised by timm's init_weights, draws what timm would)."""
+    mine_cls, ref_cls, kw = SAME_SEED[kind]
+    torch.manual_seed(0)
+    ref = ref_cls(12, 3, **kw)
+    torch.manual_seed(0)
+    mine = mine_cls(12, 3, **kw)
+    assert [n for n, _ in mine.named_children()] == [n for n, _ in ref.named_children()]
+    sd_m, sd_r = mine.state_dict(), ref.state_dict()
+    assert list(sd_m) == list(sd_r)
+    for k in sd_r:
+        assert torch.equal(sd_m[k], sd_r[k]), k
+    assert [n for n, _ in mine.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    for (n, b_m), (_, b_r) in zip(mine.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b_m, b_r), n
+
+
+def test_same_device_dtype_arguments_as_timm():
+    m = Attention(16, 2, qk_norm=True, scale_norm=True, gated=True, norm_layer=nn.LayerNorm, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    m = RelPosAttention(16, 2, qk_norm=True, use_rel_pos=True, input_size=(2, 2), device="meta")
+    assert all(p.is_meta for p in m.parameters())
+    m = WindowAttention(8, 2, window_size=3, device="meta", dtype=torch.float16)
+    assert all(p.is_meta and p.dtype == torch.float16 for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# Attention (timm.layers.Attention: ViT, DeiT, CLIP, DINOv2, ...)
+# ------------------------------------------------------------------------------------------
+ATTN_CONFIGS = [
+    dict(),
+    dict(qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm),
+    dict(scale_norm=True, norm_layer=nn.LayerNorm, proj_bias=False),
+    dict(gated=True, qkv_bias=True),
+    dict(attn_head_dim=5, dim_out=12, gated=True),
+]
+
+
+def attention_masks(b, n, gen):
+    """name -> forward kwargs: none, boolean (True = attend), additive float, causal."""
+    keep = torch.rand(b, 1, n, n, generator=gen) < 0.6
+    keep |= torch.eye(n, dtype=torch.bool)
+    return {"none": {}, "bool": dict(attn_mask=keep),
+            "float": dict(attn_mask=torch.randn(n, n, generator=gen, dtype=torch.float64)),
+            "causal": dict(is_causal=True)}
+
+
+@pytest.mark.parametrize("cfg", ATTN_CONFIGS, ids=lambda c: ",".join(f"{k}={getattr(v, '__name__', v)}"
+                                                                     for k, v in c.items()) or "default")
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+def test_attention_matches_timm(cfg, fused):
+    torch.manual_seed(0)
+    ref, mine = TimmAttention(16, 2, **cfg).double(), Attention(16, 2, **cfg).double()
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    mine, ref = both_ways(mine, ref)
+    ref.fused_attn = fused
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    for name, kw in attention_masks(2, 6, gen).items():
+        ref.zero_grad(), mine.zero_grad()
+        xa, xb = leaf(x), leaf(x)
+        o_ref, o_mine = ref(xb, **kw), mine(xa, **kw)
+        assert_close(o_mine, o_ref, tol=1e-10, what=f"output ({name})")
+        w = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64)
+        (o_ref * w).sum().backward()
+        (o_mine * w).sum().backward()
+        check_grads(mine, ref, [xa], [xb], tol=1e-10)
+    probs = mine.attention_map(x, query_index=[0, 5], is_causal=True)
+    assert probs.shape == (2, 2, 2, 6)
+    assert torch.allclose(probs[:, :, 0, 0], torch.ones(2, 2)) and (probs[:, :, 1] > 0).all()
+
+
+def test_attention_causal_needs_no_mask_and_changes_the_answer():
+    torch.manual_seed(0)
+    m = Attention(8, 2).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    causal = m(x, is_causal=True)
+    assert rel_error(causal, m(x)) > 1e-3
+    assert_close(causal, m(x, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()), tol=1e-12)
+    with pytest.raises(ValueError, match="attn_mask and is_causal"):
+        m(x, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match=r"\[B, N, C\]"):
+        m(x[0])
+    with pytest.raises(ValueError, match="divisible"):
+        Attention(10, 3)
+    with pytest.raises(ValueError, match="norm_layer"):
+        Attention(8, 2, qk_norm=True)
+
+
 # ------------------------------------------------------------------------------------------
 # WindowAttention (Swin)
 # ------------------------------------------------------------------------------------------
@@ -424,13 +444,21 @@ def swin_mask(n_windows, wh, ww, gen):
     return m
 
 
-@pytest.mark.parametrize("window,head_dim,with_mask", [
-    ((3, 3), None, False), ((3, 3), None, True), ((2, 4), 5, True), (4, None, True)])
-def test_window_attention_matches_eager(window, head_dim, with_mask):
+def visible_table(m):
+    """Swin's tables start at std 0.02: make the bias matter."""
+    with torch.no_grad():
+        m.relative_position_bias_table.normal_(0.0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("window,head_dim,with_mask,fused", [
+    ((3, 3), None, False, False), ((3, 3), None, True, False), ((2, 4), 5, True, False), (4, None, True, True)])
+def test_window_attention_matches_timm(window, head_dim, with_mask, fused):
     torch.manual_seed(0)
-    ref = EagerWindowAttention(12, 3, head_dim=head_dim, window_size=window).double()
-    mine = WindowAttention(12, 3, head_dim=head_dim, window_size=window).double()
+    ref = TimmWindowAttention(12, 3, head_dim=head_dim, window_size=window).double()
+    mine = visible_table(WindowAttention(12, 3, head_dim=head_dim, window_size=window).double())
     mine, ref = both_ways(mine, ref)
+    ref.fused_attn = fused
     assert torch.equal(mine.relative_position_index, ref.relative_position_index)
     assert "relative_position_index" not in mine.state_dict()
     wh, ww = mine.window_size
@@ -439,13 +467,44 @@ def test_window_attention_matches_eager(window, head_dim, with_mask):
     x = torch.randn(4, wh * ww, 12, dtype=torch.float64)
     xa, xb = leaf(x), leaf(x)
     o_ref, o_mine = ref(xb, mask), mine(xa, mask)
-    assert_close(o_mine, o_ref)
+    assert_close(o_mine, o_ref, tol=1e-10)
     (o_ref * o_ref.sin()).sum().backward()
     (o_mine * o_mine.sin()).sum().backward()
-    check_grads(mine, ref, [xa], [xb])
+    check_grads(mine, ref, [xa], [xb], tol=1e-10)
+    assert_close(mine._get_rel_pos_bias(), ref._get_rel_pos_bias(), tol=0)
     probs = mine.attention_map(x, mask, query_index=[1])
     assert probs.shape == (4, 3, 1, wh * ww)
     assert torch.allclose(probs.sum(-1), torch.ones(4, 3, 1))
+
+
+@pytest.mark.filterwarnings("ignore:torch.searchsorted", "ignore:Using a non-tuple sequence")  # timm's resize
+@pytest.mark.parametrize("old,new", [((4, 4), (2, 3)), ((3, 3), (5, 5)), ((2, 3), (3, 2))])
+def test_window_attention_set_window_size_as_timm(old, new):
+    torch.manual_seed(0)
+    ref = visible_table(TimmWindowAttention(8, 2, window_size=old).double())
+    torch.manual_seed(0)
+    mine = visible_table(WindowAttention(8, 2, window_size=old).double())
+    before = mine.relative_position_bias_table
+    mine.relative_position_bias_table.requires_grad_(False)
+    ref.relative_position_bias_table.requires_grad_(False)
+    ref.set_window_size(new)
+    mine.set_window_size(new)
+    assert mine.window_size == ref.window_size == new and mine.window_area == ref.window_area
+    assert mine.relative_position_bias_table is not before and not mine.relative_position_bias_table.requires_grad
+    assert torch.equal(mine.relative_position_bias_table, ref.relative_position_bias_table)
+    assert torch.equal(mine.relative_position_index, ref.relative_position_index)
+    x = torch.randn(3, new[0] * new[1], 8, dtype=torch.float64)
+    assert_close(mine(x), ref(x), tol=1e-10)
+    mine.set_window_size(new)  # unchanged size: nothing happens
+    assert mine.relative_position_bias_table.shape[0] == (2 * new[0] - 1) * (2 * new[1] - 1)
+    mine.relative_position_index.zero_()
+    mine.init_non_persistent_buffers()
+    assert torch.equal(mine.relative_position_index, ref.relative_position_index)
+    torch.manual_seed(5)
+    ref.reset_parameters()
+    torch.manual_seed(5)
+    mine.reset_parameters()
+    assert torch.equal(mine.relative_position_bias_table, ref.relative_position_bias_table)
 
 
 def test_window_attention_bad_input():
@@ -454,22 +513,35 @@ def test_window_attention_bad_input():
         m(torch.randn(2, 8, 8))
     with pytest.raises(ValueError, match="window_size"):
         WindowAttention(8, 2, window_size=(3, 0))
+    with pytest.raises(ValueError, match="window_size"):
+        m.set_window_size((2, -1))
 
 
 # ------------------------------------------------------------------------------------------
 # RelPosAttention (SAM / ViTDet)
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg,grid", [
-    (dict(use_rel_pos=True, input_size=(4, 3)), (4, 3)),
-    (dict(use_rel_pos=True, input_size=(4, 3), qk_norm=True), (4, 3)),
-    (dict(use_rel_pos=True, input_size=(5, 5)), (3, 4)),   # tables interpolated on the fly
-    (dict(use_rel_pos=False), (3, 3)),
+def visible_rel_pos(m):
+    """SAM's tables start at zero: make the position terms matter."""
+    with torch.no_grad():
+        if m.use_rel_pos:
+            m.rel_pos_h.normal_(0.0, 0.3)
+            m.rel_pos_w.normal_(0.0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("cfg,grid,fused", [
+    (dict(use_rel_pos=True, input_size=(4, 3)), (4, 3), True),
+    (dict(use_rel_pos=True, input_size=(4, 3)), (4, 3), False),
+    (dict(use_rel_pos=True, input_size=(4, 3), qk_norm=True), (4, 3), True),
+    (dict(use_rel_pos=True, input_size=(5, 5)), (3, 4), True),   # tables interpolated on the fly
+    (dict(use_rel_pos=False), (3, 3), True),
 ])
-def test_rel_pos_attention_matches_eager(cfg, grid):
+def test_rel_pos_attention_matches_timm(cfg, grid, fused):
     torch.manual_seed(0)
-    ref = EagerSamAttention(16, 2, **cfg).double()
-    mine = RelPosAttention(16, 2, **cfg).double()
+    ref = TimmSamAttention(16, 2, **cfg).double()
+    mine = visible_rel_pos(RelPosAttention(16, 2, **cfg).double())
     mine, ref = both_ways(mine, ref)
+    ref.fused_attn = fused
     if cfg.get("qk_norm"):
         with torch.no_grad():
             for p in ref.q_norm.parameters():
@@ -478,25 +550,25 @@ def test_rel_pos_attention_matches_eager(cfg, grid):
     x = torch.randn(2, *grid, 16, dtype=torch.float64)
     xa, xb = leaf(x), leaf(x)
     o_ref, o_mine = ref(xb), mine(xa)
-    assert_close(o_mine, o_ref)
+    assert_close(o_mine, o_ref, tol=1e-10)
     (o_ref * o_ref.cos()).sum().backward()
     (o_mine * o_mine.cos()).sum().backward()
-    check_grads(mine, ref, [xa], [xb])
+    check_grads(mine, ref, [xa], [xb], tol=1e-10)
     probs = mine.attention_map(x, query_index=0)
     assert probs.shape == (2, 2, 1, grid[0] * grid[1])
 
 
 def test_rel_pos_attention_loads_other_table_size():
     torch.manual_seed(0)
-    src = EagerSamAttention(16, 2, use_rel_pos=True, input_size=(6, 6)).double()
+    src = visible_rel_pos(TimmSamAttention(16, 2, use_rel_pos=True, input_size=(6, 6)).double())
     mine = RelPosAttention(16, 2, use_rel_pos=True, input_size=(4, 4)).double()
     mine.load_state_dict(src.state_dict())
     assert mine.rel_pos_h.shape == (7, 8)
-    expect = sam_rel_pos(1, 4, src.rel_pos_h)  # the resized table, read through SAM's indexing
+    expect = get_rel_pos(1, 4, src.rel_pos_h)  # timm's resized table, read through its indexing
     assert_close(mine.rel_pos_h[expect.shape[1] - 1 - torch.arange(4)], expect[0], tol=1e-12)
     # and the loaded module behaves as SAM does with the big table on a 4x4 grid
     x = torch.randn(1, 4, 4, 16, dtype=torch.float64)
-    assert_close(mine(x), src(x))
+    assert_close(mine(x), src(x), tol=1e-10)
 
 
 def test_rel_pos_attention_rejects():
@@ -513,26 +585,38 @@ def test_rel_pos_attention_rejects():
 # ------------------------------------------------------------------------------------------
 # BoTAttention
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pos_embed", ["rel", "abs"])
-@pytest.mark.parametrize("scale_pos_embed", [False, True])
-@pytest.mark.parametrize("feat", [(3, 4), (4, 4)])
-def test_bot_attention_matches_eager(pos_embed, scale_pos_embed, feat):
-    torch.manual_seed(0)
-    ref = EagerBottleneckAttn(6, 8, feat, num_heads=2, pos_embed=pos_embed,
-                              scale_pos_embed=scale_pos_embed).double()
-    mine = BoTAttention(6, 8, feat, num_heads=2, pos_embed=pos_embed,
-                        scale_pos_embed=scale_pos_embed).double()
+def check_bot(mine, ref, feat):
     mine, ref = both_ways(mine, ref)
     x = torch.randn(2, 6, *feat, dtype=torch.float64)
     xa, xb = leaf(x), leaf(x)
     o_ref, o_mine = ref(xb), mine(xa)
     assert o_mine.shape == (2, 8, *feat)
-    assert_close(o_mine, o_ref)
+    assert_close(o_mine, o_ref, tol=1e-10)
     (o_ref * o_ref.cos()).sum().backward()
     (o_mine * o_mine.cos()).sum().backward()
-    check_grads(mine, ref, [xa], [xb])
+    check_grads(mine, ref, [xa], [xb], tol=1e-10)
     probs = mine.attention_map(x, query_index=slice(0, 2))
     assert probs.shape == (2, 2, 2, feat[0] * feat[1])
+
+
+@pytest.mark.parametrize("scale_pos_embed", [False, True])
+@pytest.mark.parametrize("feat", [(3, 4), (4, 4)])
+def test_bot_attention_rel_matches_timm(scale_pos_embed, feat):
+    torch.manual_seed(0)
+    ref = BottleneckAttn(6, 8, feat_size=feat, num_heads=2, scale_pos_embed=scale_pos_embed).double()
+    mine = BoTAttention(6, 8, feat, num_heads=2, pos_embed="rel", scale_pos_embed=scale_pos_embed).double()
+    with torch.no_grad():  # timm's tables start at std dim_head ** -0.5; make them larger
+        mine.pos_embed.height_rel.normal_(0.0, 0.5)
+        mine.pos_embed.width_rel.normal_(0.0, 0.5)
+    check_bot(mine, ref, feat)
+
+
+@pytest.mark.parametrize("scale_pos_embed", [False, True])
+def test_bot_attention_abs_matches_restatement(scale_pos_embed):
+    torch.manual_seed(0)
+    ref = AbsPosBottleneckAttn(6, 8, (3, 4), num_heads=2, scale_pos_embed=scale_pos_embed).double()
+    mine = BoTAttention(6, 8, (3, 4), num_heads=2, pos_embed="abs", scale_pos_embed=scale_pos_embed).double()
+    check_bot(mine, ref, (3, 4))
 
 
 def test_bot_attention_rejects():
@@ -545,23 +629,31 @@ def test_bot_attention_rejects():
 
 
 # ------------------------------------------------------------------------------------------
-# low precision: every module against its re-statement in the same dtype (DESIGN's 2x rule)
+# low precision: every module against the real one in the same dtype (DESIGN's 2x rule)
 # ------------------------------------------------------------------------------------------
+def _pair(mine, ref):
+    """``mine`` loaded with ``ref``'s weights (after making ``ref``'s position terms visible)."""
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "rel" in name or "relative" in name:
+                p.normal_(0.0, 0.5)
+    mine.load_state_dict(ref.state_dict())
+    return mine, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_modules_low_precision(dtype):
     torch.manual_seed(0)
-    cases = []
-    ref, mine = EagerWindowAttention(12, 3, window_size=3), WindowAttention(12, 3, window_size=3)
-    mine.load_state_dict(ref.state_dict())
-    cases.append((mine, ref, (torch.randn(4, 9, 12), swin_mask(2, 3, 3, torch.Generator().manual_seed(0)))))
-    ref, mine = EagerSamAttention(16, 2, use_rel_pos=True, input_size=(3, 4)), RelPosAttention(
-        16, 2, use_rel_pos=True, input_size=(3, 4))
-    mine.load_state_dict(ref.state_dict())
-    cases.append((mine, ref, (torch.randn(2, 3, 4, 16),)))
-    ref, mine = nn.MultiheadAttention(8, 2, batch_first=True), MultiheadAttention(8, 2, batch_first=True)
-    mine.load_state_dict(ref.state_dict())
     x = torch.randn(2, 5, 8)
-    cases.append((mine, ref, (x, x, x)))
+    cases = [
+        (*_pair(WindowAttention(12, 3, window_size=3), TimmWindowAttention(12, 3, window_size=3)),
+         (torch.randn(4, 9, 12), swin_mask(2, 3, 3, torch.Generator().manual_seed(0)))),
+        (*_pair(RelPosAttention(16, 2, use_rel_pos=True, input_size=(3, 4)),
+                TimmSamAttention(16, 2, use_rel_pos=True, input_size=(3, 4))), (torch.randn(2, 3, 4, 16),)),
+        (*_pair(Attention(16, 2, qkv_bias=True), TimmAttention(16, 2, qkv_bias=True)), (torch.randn(2, 7, 16),)),
+        (*_pair(MultiheadAttention(8, 2, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True)),
+         (x, x, x)),
+    ]
     for mine, ref, args in cases:
         truth = copy.deepcopy(ref).double()(*[a.double() for a in args])
         low_ref = copy.deepcopy(ref).to(dtype)(*[a.to(dtype) for a in args])
@@ -579,25 +671,29 @@ def test_modules_low_precision(dtype):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", backend_params("attention"))
 def test_modules_float32_each_backend(backend):
-    """float32 modules, forced onto one backend, against their float64 re-statements
-    (outputs and every gradient): the same module code runs the reference and the kernel."""
+    """float32 modules, forced onto one backend, against the real modules in float64 (outputs
+    and every gradient): the same module code runs the reference and the kernel."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(5)
     kpm = torch.tensor([[False, False, True, False, True], [False, False, False, False, False]])
     win_mask = swin_mask(2, 2, 3, gen)
+    keep = torch.rand(2, 1, 5, 5, generator=gen) < 0.6
+    keep |= torch.eye(5, dtype=torch.bool)
     cases = [
-        (WindowAttention(12, 3, window_size=(2, 3)), EagerWindowAttention(12, 3, window_size=(2, 3)),
+        (WindowAttention(12, 3, window_size=(2, 3)), TimmWindowAttention(12, 3, window_size=(2, 3)),
          lambda m, x: m(x, win_mask.to(x.dtype)), (4, 6, 12)),
         (RelPosAttention(16, 2, use_rel_pos=True, input_size=(3, 3)),
-         EagerSamAttention(16, 2, use_rel_pos=True, input_size=(3, 3)), lambda m, x: m(x), (2, 2, 3, 16)),
-        (BoTAttention(6, 8, (2, 3), num_heads=2), EagerBottleneckAttn(6, 8, (2, 3), num_heads=2),
+         TimmSamAttention(16, 2, use_rel_pos=True, input_size=(3, 3)), lambda m, x: m(x), (2, 2, 3, 16)),
+        (BoTAttention(6, 8, (2, 3), num_heads=2), BottleneckAttn(6, 8, feat_size=(2, 3), num_heads=2),
          lambda m, x: m(x), (2, 6, 2, 3)),
+        (Attention(16, 2, gated=True), TimmAttention(16, 2, gated=True), lambda m, x: m(x, attn_mask=keep), (2, 5, 16)),
+        (Attention(16, 2), TimmAttention(16, 2), lambda m, x: m(x, is_causal=True), (2, 5, 16)),
         (MultiheadAttention(8, 2, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True),
          lambda m, x: m(x, x, x, key_padding_mask=kpm, need_weights=False)[0], (2, 5, 8)),
     ]
     with use_backend(backend):
         for mine, ref, run, shape in cases:
-            mine.load_state_dict(ref.state_dict())
+            mine, ref = _pair(mine, ref)
             ref = ref.double()
             x = torch.randn(shape)
             xa, xb = leaf(x), leaf(x.double())

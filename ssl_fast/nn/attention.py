@@ -105,9 +105,9 @@ class Attention(nn.Module):
         Returns:
             ``[B, N, dim_out]``.
         """
+        q, k, v = self._qkv(x)
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self._qkv(x)
         out = attention(q, k, v, scale=self.scale, attn_mask=self._mask(x, attn_mask, is_causal),
                         dropout_p=self.attn_drop.p if self.training else 0.0)
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))

@@ -1,4 +1,5 @@
 """Drop-in for timm's Swin ``WindowAttention`` with the relative-position bias computed in-kernel."""
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -16,6 +17,22 @@ def _to_pair(value, name: str) -> Tuple[int, int]:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return int(value[0]), int(value[1])
 
+
+
+def _trunc_normal_(tensor: torch.Tensor, std: float, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` in place from ``N(0, std^2)`` truncated to ``[a, b]`` by the inverse-CDF
+    method timm's ``trunc_normal_`` uses (one uniform draw per element), so the same seed gives
+    timm's values (torch >= 2.14's ``nn.init.trunc_normal_`` samples by rejection instead)."""
+    if tensor.is_meta:
+        return tensor
+    def cdf(v):
+        return (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0
+    lo, hi = cdf(a / std), cdf(b / std)
+    with torch.no_grad():
+        tensor.uniform_(2 * lo - 1, 2 * hi - 1)
+        tensor.erfinv_()
+        tensor.mul_(std * math.sqrt(2.0))
+        return tensor.clamp_(min=a, max=b)
 
 
 def _resize_positions(src: int, dst: int):
@@ -91,7 +108,7 @@ def resize_window_table(table: torch.Tensor, new_window_size: Tuple[int, int],
                                                           torch.arange(-tx, tx + 0.1, 1.0), indexing="ij")]
         values = table.detach().t().reshape(heads, src[0], src[1]).float().cpu()
         out = _interp_2d(points, values, targets)  # [H, dst_h, dst_w]
-        return out.reshape(heads, -1).t().to(device=table.device, dtype=table.dtype)
+        return out.reshape(heads, -1).t().contiguous().to(device=table.device, dtype=table.dtype)
 
 
 class WindowAttention(nn.Module):
@@ -155,7 +172,7 @@ class WindowAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Draw ``relative_position_bias_table`` from a truncated normal (std 0.02, as timm) and
         fill ``relative_position_index``."""
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        _trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._init_buffers()
 
     def _init_buffers(self) -> None:
