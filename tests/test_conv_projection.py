@@ -1,9 +1,8 @@
 """CvT conv projection: every backend against the float64 reference (conv + BatchNorm2d + flatten),
-gradients, running statistics, gradcheck, opcheck, torch.compile, ConvAttention against a plain
-re-statement of the official CvT attention, and bad input."""
+gradients, running statistics, gradcheck, opcheck, torch.compile, ConvAttention against the
+official CvT attention (tests/official/microsoft_cvt.py), and bad input."""
 import contextlib
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -390,60 +389,21 @@ def test_torch_compile_fullgraph():
 
 
 # --------------------------------------------------------------------------------------------
-# ConvAttention against a plain re-statement of the official CvT Attention (same state_dict)
+# ConvAttention against the official CvT Attention (tests/official/microsoft_cvt.py; same state_dict)
 # --------------------------------------------------------------------------------------------
-
-class _Flatten(nn.Module):
-    def forward(self, x):
-        return x.flatten(2).transpose(1, 2)
-
-
-class PlainCvTAttention(nn.Module):
-    """CvT's attention as the paper's code computes it (eager conv, BatchNorm, einsum softmax)."""
-
-    def __init__(self, dim_in, dim_out, num_heads, qkv_bias, stride_kv, stride_q, with_cls_token):
-        super().__init__()
-        self.num_heads, self.dim, self.with_cls_token = num_heads, dim_out, with_cls_token
-        self.scale = dim_out ** -0.5
-
-        def dw_bn(stride):
-            return nn.Sequential(OrderedDict([
-                ("conv", nn.Conv2d(dim_in, dim_in, 3, stride=stride, padding=1, bias=False, groups=dim_in)),
-                ("bn", nn.BatchNorm2d(dim_in)), ("rearrage", _Flatten())]))
-
-        self.conv_proj_q, self.conv_proj_k, self.conv_proj_v = dw_bn(stride_q), dw_bn(stride_kv), dw_bn(stride_kv)
-        self.proj_q = nn.Linear(dim_in, dim_out, bias=qkv_bias)
-        self.proj_k = nn.Linear(dim_in, dim_out, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim_in, dim_out, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(0.0)
-        self.proj = nn.Linear(dim_out, dim_out)
-        self.proj_drop = nn.Dropout(0.0)
-
-    def forward(self, x, h, w):
-        if self.with_cls_token:
-            cls, x = torch.split(x, [1, h * w], 1)
-        fmap = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)
-        if self.with_cls_token:
-            q, k, v = (torch.cat([cls, t], 1) for t in (q, k, v))
-        B = x.shape[0]
-        q, k, v = (p(t).reshape(B, t.shape[1], self.num_heads, -1).transpose(1, 2)
-                   for p, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
-        attn = torch.softmax(torch.einsum("bhld,bhtd->bhlt", q, k) * self.scale, dim=-1)
-        out = torch.einsum("bhlt,bhtd->bhld", self.attn_drop(attn), v)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, -1, self.dim)))
-
 
 @settings(max_examples=4)
 @given(cls=st.booleans(), hw=st.sampled_from([(7, 5), (4, 4), (3, 6)]), heads=st.sampled_from([1, 2]),
        training=st.booleans(), seed=st.integers(0, 100))
 def test_conv_attention_matches_official(cls, hw, heads, training, seed):
+    from official.microsoft_cvt import Attention as OfficialCvTAttention
     from ssl_fast.nn import ConvAttention
 
     torch.manual_seed(seed)
     dim_in, dim_out = 6, 8
     h, w = hw
-    plain = PlainCvTAttention(dim_in, dim_out, heads, True, 2, 1, cls).double()
+    plain = OfficialCvTAttention(dim_in, dim_out, heads, qkv_bias=True, stride_kv=2, stride_q=1,
+                                 with_cls_token=cls).double()
     for m in plain.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.running_mean)

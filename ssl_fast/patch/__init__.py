@@ -21,11 +21,16 @@ registered on the replaced module itself are not carried over; hooks on its
 Layout: ``core.py`` (report, walker, table), ``checks.py`` (helpers for rules), one
 ``<library>_rules.py`` per library whose modules are recognised.
 """
-from ssl_fast.patch import hf_rules, timm_rules, torch_rules
+from ssl_fast.patch import hf_rules, official_rules, timm_rules, torch_rules
 from ssl_fast.patch.core import RULES, PatchReport, PatchRule, Skipped, Unsupported, patch, register_rule
 
 RULES[:] = [
     PatchRule("torch_mha", torch_rules._match_torch_mha, torch_rules._convert_torch_mha, torch_rules._note_torch_mha),
+    # official research code (DINO, segment-anything, microsoft/CvT): before timm's rules, same class names
+    PatchRule("dino_block", official_rules._match_dino_block, official_rules._convert_dino_block),
+    PatchRule("dino_attention", official_rules._match_dino_attention, official_rules._convert_dino_attention_alone),
+    PatchRule("sam_attention", official_rules._match_sam_attention, official_rules._convert_sam_attention),
+    PatchRule("cvt_attention", official_rules._match_cvt_attention, official_rules._convert_cvt_attention),
     PatchRule("timm_swin", timm_rules._match_timm_swin, timm_rules._convert_timm_swin),
     PatchRule("timm_sam", timm_rules._match_timm_sam, timm_rules._convert_timm_sam),  # before timm_vit: same class name
     PatchRule("timm_vit", timm_rules._match_timm_vit, timm_rules._convert_timm_vit),

@@ -116,9 +116,13 @@ def probe(m: nn.Module, shape: Sequence[int], **kwargs):
     was_disabled, fake_log.disabled = fake_log.disabled, True
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), \
-                FakeTensorMode(allow_non_fake_inputs=True):
+                FakeTensorMode(allow_non_fake_inputs=True) as mode:
             x = torch.empty(tuple(shape), dtype=dtype, device=device)
-            return m(x, **kwargs)
+            # fake copies of the state: an in-place update in the forward (BatchNorm's
+            # num_batches_tracked in train mode) must not reach the module's real buffers
+            state = {n: mode.from_tensor(t) for n, t in list(m.named_parameters(remove_duplicate=False))
+                     + list(m.named_buffers(remove_duplicate=False))}
+            return torch.func.functional_call(m, state, (x,), kwargs)
     except Exception as exc:
         raise Unsupported(f"its forward fails on a {layout} input ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})")
