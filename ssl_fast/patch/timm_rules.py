@@ -15,11 +15,15 @@ in this order, that the module is the variant the drop-in computes exactly, and 
    takes a 4-D map (NesT, FastViT, VOLO) or returns ``(x, attn)`` (the official DINO ViT) fails here;
 6. the logit scale: timm's SDPA path (``fused_attn=True``) ignores ``self.scale``, so a module
    whose ``scale`` was changed from ``head_dim ** -0.5`` computes something that depends on the
-   path, and is skipped.
+   path, and is skipped;
+7. the function: the original and the replacement run on small float64 CPU inputs with the same
+   random weights (``official_rules.require_same_function``: the module's own tensors, device and
+   random streams are untouched) and must agree, with and without the masks the forward takes.
+   A same-named class with the same state and layout that computes something else is skipped.
 
-The replacement shares the original's parameters, buffers and submodules (the same objects),
-copies ``fused_attn`` and the train/eval mode, and has the methods timm calls on it
-(``set_window_size``, ``reset_parameters``, ``init_non_persistent_buffers`` for Swin).
+The replacement shares the original's parameters, buffers and submodules (the same objects, each
+keeping its own train/eval mode), copies ``fused_attn`` and the module's mode, and has the methods
+timm calls on it (``set_window_size``, ``reset_parameters``, ``init_non_persistent_buffers`` for Swin).
 """
 import math
 from typing import Optional, Sequence
@@ -27,8 +31,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, probe,
-                                   require_dropout, require_forward, require_linear, unexpected_state)
+from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, forward_parameters,
+                                   probe, require_dropout, require_forward, require_linear, unexpected_state)
+from ssl_fast.patch.official_rules import require_same_function
 from ssl_fast.nn.attention import Attention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
@@ -93,9 +98,21 @@ def _heads(m: nn.Module, qkv: nn.Linear) -> tuple:
     return heads, qkv.out_features // (3 * heads)
 
 
-def _keep(new: nn.Module, old: nn.Module) -> None:
+def _done(new: nn.Module, old: nn.Module, calls, what: str) -> nn.Module:
+    """Check the function (point 7), copy ``fused_attn`` and the mode; adopted submodules keep theirs."""
+    require_same_function(old, new, calls, what)
     if hasattr(old, "fused_attn"):
         new.fused_attn = bool(old.fused_attn)
+    modes = {sub: sub.training for sub in old.modules()}
+    finish(new, old)
+    for sub in new.modules():
+        if sub in modes:
+            sub.training = modes[sub]
+    return new
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +151,15 @@ def _convert_timm_vit(m: nn.Module) -> nn.Module:
                     gated=gate is not None, device="meta")
     new.scale = scale
     adopt(new, m, [n for n in _VIT_CHILDREN if getattr(m, n, None) is not None])
-    _keep(new, m)
-    return finish(new, m)
+    x = _randn(2, 5, dim)
+    calls = [((x,), {})]
+    takes = {p.name for p in forward_parameters(m)}
+    if "attn_mask" in takes:
+        keep = (_randn(2, 1, 5, 5) > 0) | torch.eye(5, dtype=torch.bool)
+        calls.append(((x,), {"attn_mask": keep}))
+    if "is_causal" in takes:
+        calls.append(((x,), {"is_causal": True}))
+    return _done(new, m, calls, "timm Attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,8 +207,9 @@ def _convert_timm_swin(m: nn.Module) -> nn.Module:
     new.scale = scale
     adopt(new, m, [n for n in _SWIN_CHILDREN if getattr(m, n, None) is not None]
           + ["relative_position_bias_table", "relative_position_index"])
-    _keep(new, m)
-    return finish(new, m)
+    x = _randn(2, n, dim)
+    shifted = torch.where(_randn(1, n, n) > 0.5, -100.0, 0.0).expand(2, n, n).to(torch.float64)
+    return _done(new, m, [((x,), {}), ((x,), {"mask": shifted})], "Swin WindowAttention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,5 +254,7 @@ def _convert_timm_sam(m: nn.Module) -> nn.Module:
     new.scale = scale
     names = [n for n in _SAM_CHILDREN if getattr(m, n, None) is not None]
     adopt(new, m, names + (["rel_pos_h", "rel_pos_w"] if use_rel_pos else []))
-    _keep(new, m)
-    return finish(new, m)
+    calls = [((_randn(2, 3, 4, dim),), {})]  # tables of another length are interpolated, by both
+    if grid != (3, 4) and grid[0] * grid[1] <= 64:
+        calls.append(((_randn(1, *grid, dim),), {}))
+    return _done(new, m, calls, "SAM Attention")
