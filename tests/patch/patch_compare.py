@@ -67,7 +67,8 @@ def forward_with_seed(model, inputs, seed=1234, **kwargs):
 
 def check_patched_matches(build: Callable[[], nn.Module], make_inputs: Callable[[], Sequence[torch.Tensor]],
                           replaced: Dict[str, type], skipped: Optional[Dict[str, Iterable[str]]] = None,
-                          tol: float = 1e-7, forward_kwargs: Optional[dict] = None, grad_inputs: bool = True):
+                          tol: float = 1e-7, forward_kwargs: Optional[dict] = None, grad_inputs: bool = True,
+                          after_patch: Optional[Callable[[nn.Module], None]] = None):
     """Build, patch and compare (see the module docstring); returns ``(patched, report)``.
 
     Args:
@@ -78,6 +79,8 @@ def check_patched_matches(build: Callable[[], nn.Module], make_inputs: Callable[
         tol: relative error allowed in float64 (outputs and gradients).
         forward_kwargs: keyword arguments for every forward.
         grad_inputs: also compare the gradients of floating inputs.
+        after_patch: called on every model compared, the unpatched ones too, right after patching
+            (e.g. timm's ``set_input_size``): the patched model must keep the methods it uses.
     """
     kwargs = forward_kwargs or {}
 
@@ -103,6 +106,9 @@ def check_patched_matches(build: Callable[[], nn.Module], make_inputs: Callable[
         for w in ([words] if isinstance(words, str) else words):
             assert w in got_skipped[name], f"skip reason of {name!r} lacks {w!r}: {got_skipped[name]!r}"
     assert list(mine.state_dict()) == keys, "patching changed the state_dict keys"
+    after = after_patch or (lambda m: None)
+    after(ref)
+    after(mine)
 
     def inputs():
         torch.manual_seed(99)
@@ -137,7 +143,10 @@ def check_patched_matches(build: Callable[[], nn.Module], make_inputs: Callable[
                       tol, "eval output")
 
         # state_dict both ways, strict
-        other_ref, other_mine = fresh().eval(), patch(fresh()).model.eval()
+        other_ref, other_mine = fresh(), patch(fresh()).model
+        after(other_ref)
+        after(other_mine)
+        other_ref.eval(), other_mine.eval()
         other_ref.load_state_dict(mine.state_dict())
         other_mine.load_state_dict(ref.state_dict())
         _assert_close(forward_with_seed(other_ref, inputs(), **kwargs),
