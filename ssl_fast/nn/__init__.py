@@ -4,9 +4,10 @@ from ssl_fast.nn.bot_attention import BoTAttention
 from ssl_fast.nn.conv_attention import ConvAttention, CvtSelfAttention
 from ssl_fast.nn.dino_block import DINOBlock
 from ssl_fast.nn.dino_loss import DINOLoss
+from ssl_fast.nn.hf_attention import HFSwinAttention, HFViTAttention
 from ssl_fast.nn.multihead_attention import MultiheadAttention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
 from ssl_fast.nn.momentum import MomentumTeacher, cosine_momentum, update_momentum
 
-__all__ = ["Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "WindowAttention", "DINOLoss", "MomentumTeacher", "cosine_momentum", "update_momentum"]
+__all__ = ["Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "WindowAttention", "DINOLoss", "HFSwinAttention", "HFViTAttention", "MomentumTeacher", "cosine_momentum", "update_momentum"]

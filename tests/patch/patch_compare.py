@@ -124,13 +124,16 @@ def check_patched_matches(build: Callable[[], nn.Module], make_inputs: Callable[
     _loss(_outputs(out_r)).backward()
     _loss(_outputs(out_m)).backward()
     grads_r = dict(ref.named_parameters())
+    # a gradient that is zero in exact arithmetic (a key bias: softmax ignores it) is rounding noise
+    # in both models: gradients under 1e-4 of the total norm are compared against that floor
+    floor = 1e-4 * sum(float(p.grad.norm()) ** 2 for p in grads_r.values() if p.grad is not None) ** 0.5
     for name, p in mine.named_parameters():
         gr = grads_r[name].grad
         if gr is None or gr.norm() == 0:
             assert p.grad is None or p.grad.norm() <= 1e-12, f"grad of {name}: the unpatched model has none"
             continue
         assert p.grad is not None, f"grad of {name}: missing after patching"
-        err = rel_error(p.grad, gr)
+        err = float((p.grad - gr).norm()) / max(float(gr.norm()), floor)
         assert err <= tol, f"grad of {name}: relative error {err:.3g} > {tol:g}"
     for i, (a, b) in enumerate(zip(xm, xr)):
         if b.grad is not None:
