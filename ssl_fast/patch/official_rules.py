@@ -54,7 +54,7 @@ def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[
     floating buffer (``running_var`` kept positive; integer buffers copied), the reference
     backend, no gradient and a forked random state: the modules' own tensors, devices and random
     streams are untouched. Skipped when the module's tensors are on the meta device (nothing to
-    compute with). ``calls`` are ``(args, kwargs)`` pairs of float64 CPU inputs; outputs (tensors
+    compute with). It runs on one intra-op thread (restored afterwards). ``calls`` are ``(args, kwargs)`` pairs of float64 CPU inputs; outputs (tensors
     or tuples of them) must agree to relative error ``tol``.
     """
     tensors = list(old.named_parameters(remove_duplicate=False)) + list(old.named_buffers(remove_duplicate=False))
@@ -69,7 +69,10 @@ def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[
         else:
             values[name] = t.detach().cpu().clone()
     modes = _modes(old, new)
+    threads = torch.get_num_threads()
     try:
+        # the inputs are tiny: one thread (several stall for long on a loaded machine)
+        torch.set_num_threads(1)
         old.eval(), new.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]), use_backend("reference"):
             for args, kwargs in calls:
@@ -89,6 +92,7 @@ def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[
         raise Unsupported(f"{what}: the check run failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})")
     finally:
+        torch.set_num_threads(threads)
         _restore(modes)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ssl_fast
-from helpers import rel_error
+from helpers import available_backends, rel_error
 from official import dino_vision_transformer as dino
 from official import microsoft_cvt as cvt
 from official import segment_anything_image_encoder as sam
@@ -77,18 +77,6 @@ def test_dino_get_last_selfattention(batch):
     for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
         if q.grad is not None:
             assert rel_error(p.grad, q.grad) <= 1e-10, name
-
-
-def test_dino_vit_float32_kernels():
-    """float32 through the backend ``auto`` picks here (the fused kernel), against the eager model."""
-    torch.manual_seed(0)
-    ref = _dino_vit().eval()
-    _perturb(ref, 1)
-    mine = ssl_fast.patch(copy.deepcopy(ref)).model
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert rel_error(mine(x), ref(x)) <= 1e-5
-        assert rel_error(mine.get_last_selfattention(x), ref.get_last_selfattention(x)) <= 1e-5
 
 
 class _Student(nn.Module):
@@ -226,16 +214,6 @@ def test_sam_image_encoder_matches(use_rel_pos):
         assert tuple(mine.blocks[1].attn.rel_pos_h.shape) == (15, 16)
 
 
-def test_sam_image_encoder_float32_kernels():
-    torch.manual_seed(0)
-    ref = _sam_encoder().eval()
-    _perturb(ref, 1)
-    mine = ssl_fast.patch(copy.deepcopy(ref)).model
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert rel_error(mine(x), ref(x)) <= 1e-5
-
-
 class _Grid(nn.Module):
     """A SAM Attention run on a grid of its own size (tables made for 4 x 4, used on 3 x 5)."""
 
@@ -356,3 +334,45 @@ def test_cvt_attention_other_kernel_and_no_cls():
     """kernel 5 / padding 2 (not the fused 3 x 3 stencil): replaced, the projections run as written."""
     check_patched_matches(lambda: _CvtAttn(kernel_size=5, padding_kv=2, padding_q=2, with_cls_token=False),
                           lambda: [torch.randn(2, 16, 16)], {"attn": ConvAttention})
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 through the Triton kernels (the interpreter on the CPU): what a GPU runs
+# ----------------------------------------------------------------------------------------------
+def _cvt_tiny():
+    return cvt.ConvolutionalVisionTransformer(num_classes=10, spec=_cvt_spec("dw_bn", (False, True), 0.1))
+
+
+@pytest.mark.skipif("triton" not in available_backends("attention", "cpu")
+                    or "triton" not in available_backends("conv_projection", "cpu"),
+                    reason="the Triton kernels cannot take CPU tensors here (TRITON_INTERPRET is not set)")
+@pytest.mark.parametrize("build, maps", [(lambda: _dino_vit(drop_path_rate=0.1), True), (_sam_encoder, False),
+                                         (_cvt_tiny, False)], ids=["dino", "sam", "cvt"])
+def test_float32_through_triton_kernels(build, maps):
+    """Patched model on the Triton backend against the eager model, float32: train outputs and every
+    gradient under the same random stream (gradients that are zero in exact arithmetic, such as a
+    key bias, are rounding noise in both: against a floor of 1e-3 of the total gradient norm), eval outputs, DINO's maps."""
+    torch.manual_seed(0)
+    ref = build()
+    _perturb(ref, 0)
+    mine = ssl_fast.patch(copy.deepcopy(ref)).model
+    x = torch.randn(2, 3, 32, 32)
+    with ssl_fast.use_backend("triton"):
+        outs = []
+        for m in (ref, mine):
+            m.train()
+            torch.manual_seed(5)
+            y = m(x)
+            (y * y.cos()).sum().backward()
+            outs.append(y.detach())
+        assert rel_error(outs[1], outs[0]) <= 1e-5
+        grads = {n: p.grad for n, p in ref.named_parameters()}
+        floor = 1e-3 * sum(float(g.norm()) ** 2 for g in grads.values()) ** 0.5
+        for name, p in mine.named_parameters():
+            err = float((p.grad - grads[name]).norm()) / max(float(grads[name].norm()), floor)
+            assert err <= 1e-5, f"grad of {name}: {err:.3g}"
+        ref.eval(), mine.eval()
+        with torch.no_grad():
+            assert rel_error(mine(x), ref(x)) <= 1e-5
+            if maps:
+                assert rel_error(mine.get_last_selfattention(x), ref.get_last_selfattention(x)) <= 1e-5
