@@ -1,20 +1,105 @@
-"""Reference EMA (momentum-teacher) update."""
-from typing import Sequence, Union
+"""Reference EMA (momentum-teacher) update, with ``torch._foreach_*`` over groups of tensors.
+
+This is the fallback every user without the compiled extension runs, so it must not be slower
+than the per-parameter loop it replaces (``pt.mul_(m).add_((1 - m) * ps)``: three kernels and a
+temporary per parameter). Pairs are grouped by (device, teacher dtype, student dtype) and each
+group is updated by two ``_foreach`` calls: ``e *= m``, then ``e += (1 - m) * t`` (fused across
+tensors on CUDA; no temporaries). On the CPU a group runs in batches of about ``_CPU_BATCH``
+elements, so the second pass finds the teacher still in cache. A half-precision teacher is
+updated in a float32 workspace (one per call, reused across batches) and rounded back once.
+
+``torch._foreach_lerp_`` would be one pass instead of two, but its ``e + w (t - e)`` form turns
+an infinite teacher or student into NaN where ``m e + (1 - m) t`` stays infinite.
+"""
+from collections import defaultdict
+from typing import List, Sequence, Union
 
 import torch
+
+_CPU_BATCH = 1 << 18  # elements: a float32 batch of 1 MiB stays in a Zen 4 / Sapphire Rapids L2
+
+
+def _acc_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
+
+
+def _batches(es: List[torch.Tensor], limit: int):
+    """Consecutive index ranges ``(start, stop)`` of at least ``limit`` elements (the last may be short)."""
+    start, size = 0, 0
+    for j, e in enumerate(es):
+        size += e.numel()
+        if size >= limit or j == len(es) - 1:
+            yield start, j + 1
+            start, size = j + 1, 0
+
+
+def _mul_add_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[float, torch.Tensor]) -> None:
+    """``e <- m * e + (1 - m) * t`` for tensors of one device and dtype (``ts`` may be of another dtype).
+
+    A tensor momentum is only read on the device: ``_foreach_mul_``'s 0-d tensor overload, and
+    ``addcmul`` with the 0-d weight ``1 - m`` broadcast against every student tensor.
+    """
+    if isinstance(momentum, torch.Tensor):
+        m = momentum.to(device=es[0].device, dtype=es[0].dtype)
+        torch._foreach_mul_(es, m)
+        torch._foreach_addcmul_(es, ts, [1 - m] * len(es))
+    else:
+        torch._foreach_mul_(es, momentum)
+        torch._foreach_add_(es, ts, alpha=1.0 - momentum)
+
+
+def _ema_group_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[float, torch.Tensor],
+                acc: torch.dtype) -> None:
+    """:func:`_mul_add_` in ``acc`` for one (device, teacher dtype, student dtype) group."""
+    cpu = es[0].device.type == "cpu"
+    batches = list(_batches(es, _CPU_BATCH if cpu else sum(e.numel() for e in es)))
+    work = None
+    if es[0].dtype != acc:
+        work = torch.empty(max(sum(e.numel() for e in es[a:b]) for a, b in batches), dtype=acc,
+                           device=es[0].device)
+    for a, b in batches:
+        batch_e, batch_t = es[a:b], ts[a:b]
+        if work is None:
+            _mul_add_(batch_e, batch_t, momentum)
+            continue
+        views, offset = [], 0
+        for e in batch_e:
+            views.append(work[offset:offset + e.numel()].view(e.shape))
+            offset += e.numel()
+        torch._foreach_copy_(views, batch_e)
+        _mul_add_(views, batch_t, momentum)
+        torch._foreach_copy_(batch_e, views)  # the one rounding to the teacher's dtype
 
 
 def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
          momentum: Union[float, torch.Tensor]) -> None:
     """In place, for every pair: ``e <- m * e + (1 - m) * t``; integer tensors are copied.
 
-    The arithmetic runs in float32, or float64 for float64 tensors; the result is rounded once
-    to the dtype of ``e``.
+    The arithmetic runs in float32, or float64 when ``e`` or ``t`` is float64, as two steps:
+    ``e' = m * e`` (rounded to the arithmetic dtype), then ``e' + (1 - m) * t`` (one rounding,
+    or two without a fused multiply-add), whose result is rounded once to ``e``'s dtype. ``m``
+    and ``1 - m`` are rounded to the arithmetic dtype (a tensor ``m`` is cast to it first, on
+    its device). ``m = 1`` leaves ``e`` unchanged and ``m = 0`` copies ``t`` exactly (for
+    finite values); NaN and inf propagate as in ``m * e + (1 - m) * t``.
+
+    Args:
+        ema_tensors: tensors updated in place (any layout): float32, float16, bfloat16, float64,
+            or integer (copied).
+        tensors: tensors of the same shapes, on the same devices.
+        momentum: ``m`` in [0, 1], a float or a 0-d floating tensor (read on the tensors'
+            device only, so no host synchronisation).
     """
+    groups = defaultdict(lambda: ([], []))
+    copies_e, copies_t = [], []
     for e, t in zip(ema_tensors, tensors):
         if not e.is_floating_point():
-            e.copy_(t)
+            copies_e.append(e)
+            copies_t.append(t)
             continue
-        acc = torch.promote_types(e.dtype, torch.float32)
-        m = momentum.to(acc) if isinstance(momentum, torch.Tensor) else momentum
-        e.copy_(m * e.to(acc) + (1 - m) * t.to(acc))
+        g = groups[(e.device, e.dtype, t.dtype)]
+        g[0].append(e)
+        g[1].append(t)
+    if copies_e:
+        torch._foreach_copy_(copies_e, copies_t)
+    for (_, e_dtype, t_dtype), (es, ts) in groups.items():
+        _ema_group_(es, ts, momentum, _acc_dtype(e_dtype, t_dtype))
