@@ -35,8 +35,8 @@ RULES[:] = [
     PatchRule("timm_sam", timm_rules._match_timm_sam, timm_rules._convert_timm_sam),  # before timm_vit: same class name
     PatchRule("timm_vit", timm_rules._match_timm_vit, timm_rules._convert_timm_vit),
     PatchRule("hf_cvt", hf_rules._match_hf_cvt, hf_rules._convert_hf_cvt, hf_rules._note_hf_cvt),
-    PatchRule("hf_vit", hf_rules._match_hf_vit, hf_rules._convert_hf_vit),
-    PatchRule("hf_swin", hf_rules._match_hf_swin, hf_rules._convert_hf_swin),
+    PatchRule("hf_vit", hf_rules._match_hf_vit, hf_rules._convert_hf_vit, hf_rules._note_hf_attention),
+    PatchRule("hf_swin", hf_rules._match_hf_swin, hf_rules._convert_hf_swin, hf_rules._note_hf_attention),
     PatchRule("hf_swinv2", hf_rules._match_hf_swinv2, hf_rules._convert_hf_swinv2),
 ]
 

@@ -288,6 +288,16 @@ def _window_calls(windows: int, tokens: int, channels: int):
     return [((x,), {}), ((x, mask), {})]
 
 
+def _note_hf_attention(m: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """A remark when the model's attention implementation is one the drop-in does not fuse."""
+    impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+    if _served_implementation(m.config) is not None:
+        return None
+    return (f"Hugging Face {_cls(m)}: config._attn_implementation={impl!r} is not fused; the replaced modules "
+            f"run Hugging Face's own computation until the model uses 'sdpa' or 'eager' "
+            f"(model.set_attn_implementation('sdpa'))")
+
+
 def _convert_hf_vit(m: nn.Module) -> nn.Module:
     _require_hf_code(m)
     extra = unexpected_state(m, children=_HF_PROJ)

@@ -236,6 +236,8 @@ def test_other_attention_functions_run_unchanged(fused_calls):
         AttentionInterface._global_mapping.pop("ssl_fast_test_counting", None)
     assert fused_calls == []
     assert "HFViTAttention_for_ViTAttention" in seen and "ViTAttention" in seen
+    notes = patch(MODELS["ViTModel"][0]("flex_attention")).notes
+    assert len(notes) == 1 and "'flex_attention' is not fused" in notes[0]
 
 
 def test_recording_hooks_installed_before_patching():
