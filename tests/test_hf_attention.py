@@ -208,6 +208,28 @@ def test_swin_matches_hugging_face(impl, shifted, fused_calls):
     assert rel_error(mine.attention_map(x, mask), want) < 1e-6
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+def test_swin_backends_float32(backend, monkeypatch):
+    """The table bias and the shifted-window mask through each attention backend, float32 against
+    Hugging Face in float64, with the table's gradient."""
+    if backend not in available_backends("attention", "cpu"):
+        pytest.skip(f"{backend} is not available here")
+    monkeypatch.setattr(hf_attention, "attention", functools.partial(hf_attention.attention, backend=backend))
+    hf, mine = _pair(SwinAttention, HFSwinAttention, SwinConfig(attn_implementation="sdpa"), 16, 2, 3)
+    mine.float()
+    mask = _swin_mask(3, 1, 6)
+    x = torch.randn(2 * 4, 9, 16, dtype=torch.float64)
+    x32, x64 = x.float().requires_grad_(), x.clone().requires_grad_()
+    got, expect = mine(x32, mask.float())[0], hf(x64, mask)[0]
+    assert got.dtype == torch.float32 and rel_error(got, expect) < 1e-5
+    cot = torch.randn_like(expect)
+    (got * cot.float()).sum().backward()
+    (expect * cot).sum().backward()
+    assert rel_error(x32.grad, x64.grad) < 1e-5
+    table = "relative_position_bias.relative_position_bias_table"
+    assert rel_error(dict(mine.named_parameters())[table].grad, dict(hf.named_parameters())[table].grad) < 1e-5
+
+
 def test_swin_runs_hugging_face_computation_where_the_kernel_cannot(fused_calls):
     """A window of another size than the table's, or a mask whose windows do not divide the batch:
     Hugging Face's own computation (which raises, here, as it does unpatched)."""
