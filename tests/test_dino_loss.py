@@ -385,3 +385,57 @@ def test_dino_loss_module_rejects_an_epoch_outside_the_schedule():
     with pytest.raises(ValueError, match=r"epoch must be < nepochs \(5\), got 5"):
         module(student, teacher, 5)
     assert module(student, teacher, 4).isfinite()
+
+
+# ---------------------------------------------------------------------------- reference at large logits
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_global", [1, 2])
+def test_reference_exact_at_huge_logits(dtype, n_global):
+    """Logits of order 1e9 at student_temp 1e-3 (|z| ~ 1e12, where a float32 ulp is ~1e5).
+
+    Every student row ties two columns at its maximum and the teacher is one-hot on one of them,
+    so every pair's cross-entropy is exactly log 2 and the student's probabilities there are 1/2:
+    a softmax taken as exp(z - lse) from a float32 lse (which cannot hold z_max + log 2) would
+    give them 1. The reference function and the reference backend must stay finite and exact.
+    """
+    ncrops, batch, k = 5, 3, 41
+    g = torch.Generator().manual_seed(12)
+    student = torch.randn(ncrops * batch, k, generator=g) * 1e9
+    top = student.amax(-1) + 1e9
+    student[:, 5], student[:, 9] = top, top
+    teacher = torch.randn(n_global * batch, k, generator=g) * 1e9
+    teacher[:, 5] = teacher.amax(-1) + 1e9
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    center = torch.randn(1, k, generator=g)
+    args = (ncrops, n_global, 1e-3, 0.04)
+
+    loss64, grad64 = _truth(student, teacher, center, *args)
+    torch.testing.assert_close(loss64, torch.tensor(np.log(2.0), dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.allclose(grad64.abs().amax(0)[[i for i in range(k) if i not in (5, 9)]],
+                          torch.zeros(1, dtype=torch.float64))
+
+    s = student.clone().requires_grad_()
+    eager_loss = reference.dino_loss(s, teacher, center, *args)
+    (eager_grad,) = torch.autograd.grad(eager_loss, s)
+    s = student.clone().requires_grad_()
+    loss = ops.dino_loss(s, teacher, center, ncrops=ncrops, n_global=n_global, student_temp=1e-3,
+                         teacher_temp=0.04, backend="reference")
+    (grad,) = torch.autograd.grad(loss, s)
+    for what, (lo, gr) in (("reference function", (eager_loss, eager_grad)), ("reference backend", (loss, grad))):
+        assert torch.isfinite(lo) and torch.isfinite(gr).all(), what
+        assert_matches_reference(lo, loss64, fp32_tol=1e-6, what=f"{what} loss")
+        if dtype == torch.float32:
+            assert_matches_reference(gr, grad64, fp32_tol=1e-6, what=f"{what} gradient")
+        else:
+            assert rel_error(gr, grad64) <= 2 * torch.finfo(dtype).eps, f"{what} gradient"
+
+
+def test_reference_forward_stats_are_the_reference_loss_and_logsumexps():
+    """The reference backend's forward: the reference function's loss and exact row log-sum-exps."""
+    student, teacher, center = _make(13, 6, 2, 3, 203, torch.float64, 4.0)
+    args = (6, 2, 0.1, 0.04)
+    loss, s_lse, t_lse = reference.dino_loss_forward_stats(student, teacher, center, *args)
+    assert torch.equal(loss, reference.dino_loss(student, teacher, center, *args))
+    torch.testing.assert_close(s_lse, torch.logsumexp(student / 0.1, -1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(t_lse, torch.logsumexp((teacher - center) / 0.04, -1), rtol=1e-14, atol=0)

@@ -10,8 +10,11 @@ Math, with ``t_i = softmax((teacher_i - center) / tau_t)`` and
     L = 1 / (B * n_terms) * sum_b sum_i sum_{v != i} ( -sum_k t_i[b, k] * log s_v[b, k] ),
     n_terms = n_global * ncrops - n_global.
 
-Everything here is plain PyTorch that autograd differentiates; it is the truth for the tests
-(run in float64) and the ``reference`` backend.
+Everything here is plain PyTorch: :func:`dino_loss` (autograd) is the truth for the tests (run
+in float64); :func:`dino_loss_forward_stats` and :func:`dino_loss_backward` are the ``reference``
+backend of the custom ops, with the same arithmetic. Both compute each crop's log-softmax once
+and the pair sums with one product per view and not one per pair (:func:`_pair_loss`), so the
+fallback is no slower than the official loop it replaces.
 """
 from typing import Tuple
 
@@ -39,9 +42,47 @@ def teacher_probs(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: flo
     return torch.softmax(z, dim=-1)
 
 
+def _pair_loss(t: torch.Tensor, log_s: torch.Tensor, ncrops: int, n_global: int) -> torch.Tensor:
+    """The loss from teacher probabilities and student log-probabilities, each pair counted once.
+
+    ``sum_i sum_{v != i} t_i . log s_v`` is grouped by the student crop: every view pairs with
+    every local crop, and with every global crop but its own, so::
+
+        sum_i sum_{v != i} t_i . log s_v = (sum_i t_i) . (sum_{v >= n_global} log s_v)
+                                           + sum_i sum_{j < n_global, j != i} t_i . log s_j.
+
+    Every product is of a probability (>= 0) and a log-probability (<= 0), so the sums add terms
+    of one sign and nothing cancels (unlike ``sum_v - log s_i``); there are ``1 + n_global *
+    (n_global - 1)`` products of ``[B, K]``, not one per pair.
+
+    Args:
+        t: ``[n_global * B, K]`` teacher probabilities.
+        log_s: ``[ncrops * B, K]`` student log-probabilities, same dtype.
+        ncrops: number of student crops.
+        n_global: number of teacher views (the first ``n_global`` crops).
+
+    Returns:
+        0-d loss ``-(1 / (B * n_terms)) * sum_i sum_{v != i} sum_b t_i[b] . log s_v[b]``.
+    """
+    rows, k = log_s.shape
+    b = rows // ncrops
+    log_s = log_s.reshape(ncrops, b, k)
+    t = t.reshape(n_global, b, k)
+    pair_sum = (t.sum(0) * log_s[n_global:].sum(0)).sum()
+    for i in range(n_global):
+        for j in range(n_global):
+            if j != i:
+                pair_sum = pair_sum + (t[i] * log_s[j]).sum()
+    n_terms = n_global * ncrops - n_global
+    return -pair_sum / (b * n_terms)
+
+
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int,
               n_global: int = 2, student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
-    """The DINO loss, term by term like the official loop (see the module docstring).
+    """The DINO loss (see the module docstring), differentiable by autograd.
+
+    One ``log_softmax`` over all student rows and one ``softmax`` over all teacher rows; the
+    pair sums are taken by :func:`_pair_loss`.
 
     Args:
         student: ``[ncrops * B, K]`` student logits (any float dtype; math in float32/float64).
@@ -56,23 +97,28 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
         0-d loss, float32 (float64 when an input is float64).
     """
     acc = _acc_dtype(student, teacher)
-    log_s = torch.log_softmax(student.to(acc) / student_temp, dim=-1).chunk(ncrops)
-    t = teacher_probs(teacher, center, teacher_temp).to(acc).chunk(n_global)
-    total = student.new_zeros((), dtype=acc)
-    n_terms = 0
-    for i in range(n_global):
-        for v in range(ncrops):
-            if v == i:
-                continue
-            total = total + (-(t[i] * log_s[v]).sum(dim=-1)).mean()
-            n_terms += 1
-    return total / n_terms
+    log_s = torch.log_softmax(student.to(acc) / student_temp, dim=-1)
+    t = teacher_probs(teacher.to(acc), center, teacher_temp)
+    return _pair_loss(t, log_s, ncrops, n_global)
+
+
+def _scaled_logits(x: torch.Tensor, temp: float, acc: torch.dtype, center=None) -> torch.Tensor:
+    """``(x - center) / temp`` in ``acc`` as a new tensor (half-precision inputs are widened first)."""
+    z = x.to(acc)
+    if center is not None:
+        return (z - center.to(acc)).div_(temp)
+    return z / temp if z is x else z.div_(temp)
 
 
 def dino_loss_forward_stats(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                             ncrops: int, n_global: int, student_temp: float,
                             teacher_temp: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss plus the statistics the backward needs, as the fused kernels return them.
+
+    The loss is :func:`dino_loss`'s arithmetic (without autograd). Each row's log-sum-exp comes
+    from the softmax already computed, without another pass of ``exp``: ``lse = max_k z -
+    max_k log p``, as ``max_k log p = -log sum_k exp(z - max_k z)`` (the largest probability is
+    the one at the largest logit).
 
     Returns:
         ``(loss, student_lse, teacher_lse)``: the 0-d loss; ``student_lse [ncrops * B]`` =
@@ -81,9 +127,13 @@ def dino_loss_forward_stats(student: torch.Tensor, teacher: torch.Tensor, center
     """
     acc = _acc_dtype(student, teacher)
     with torch.no_grad():
-        loss = dino_loss(student.detach(), teacher, center, ncrops, n_global, student_temp, teacher_temp)
-        student_lse = torch.logsumexp(student.to(acc) / student_temp, dim=-1)
-        teacher_lse = torch.logsumexp((teacher.to(acc) - center.to(acc)) / teacher_temp, dim=-1)
+        z = _scaled_logits(student, student_temp, acc)
+        log_s = torch.log_softmax(z, dim=-1)
+        student_lse = z.amax(dim=-1) - log_s.amax(dim=-1)
+        zt = _scaled_logits(teacher, teacher_temp, acc, center)
+        t = torch.softmax(zt, dim=-1)
+        teacher_lse = zt.amax(dim=-1) - t.amax(dim=-1).log()
+        loss = _pair_loss(t, log_s, ncrops, n_global)
     return loss, student_lse, teacher_lse
 
 
@@ -97,9 +147,12 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
 
         dL/dx_v[k] = g / (B * n_terms * tau_s) * (count_v * p_v[k] - sum_{i != v} t_i[k]),
 
-    with ``p_v = softmax(x_v / tau_s) = exp(x_v / tau_s - student_lse_v)``,
-    ``t_i = exp((teacher_i - center) / tau_t - teacher_lse_i)`` and ``count_v`` the number of
-    global crops ``i != v``.
+    with ``p_v = softmax(x_v / tau_s)``, ``t_i = softmax((teacher_i - center) / tau_t)`` and
+    ``count_v`` the number of global crops ``i != v``. Both softmaxes are recomputed rather than
+    taken as ``exp(z - lse)`` from the saved log-sum-exps: at ``|z|`` beyond about ``1e7`` a
+    float32 ``lse`` can no longer hold ``log sum exp(z - max z)``, and ``exp(z - lse)`` would
+    give 1 to every entry tied at the maximum. ``student_lse`` and ``teacher_lse`` only fix the
+    accumulation dtype here.
 
     Returns:
         ``[ncrops * B, K]`` gradient in the student's dtype.
@@ -108,20 +161,14 @@ def dino_loss_backward(grad_loss: torch.Tensor, student: torch.Tensor, teacher: 
     rows, k = student.shape
     b = rows // ncrops
     n_terms = n_global * ncrops - n_global
-    p = torch.exp(student.to(acc) / student_temp - student_lse[:, None]).view(ncrops, b, k)
-    t = torch.exp((teacher.to(acc) - center.to(acc)) / teacher_temp - teacher_lse[:, None]).view(n_global, b, k)
-    t_total = t.sum(0)
-    grads = []
-    for v in range(ncrops):
-        if v < n_global:
-            # the other global crop (n_global is 1 or 2), taken directly rather than subtracted
-            others = t[1 - v] if n_global == 2 else torch.zeros_like(t_total)
-            count = n_global - 1
-        else:
-            others, count = t_total, n_global
-        grads.append(count * p[v] - others)
     scale = grad_loss.to(acc) / (b * n_terms * student_temp)
-    return (torch.stack(grads).view(rows, k) * scale).to(student.dtype)
+    grad = torch.softmax(_scaled_logits(student, student_temp, acc), dim=-1).view(ncrops, b, k)
+    t = torch.softmax(_scaled_logits(teacher, teacher_temp, acc, center), dim=-1).view(n_global, b, k)
+    grad[n_global:].mul_(n_global * scale).sub_(t.sum(0) * scale)
+    for v in range(n_global):
+        others = sum(t[i] for i in range(n_global) if i != v)  # 0 when n_global == 1
+        grad[v].mul_((n_global - 1) * scale).sub_(others * scale)
+    return grad.view(rows, k).to(student.dtype)
 
 
 def update_center_(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> None:
