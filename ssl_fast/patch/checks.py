@@ -1,6 +1,7 @@
 """Helpers shared by the patch rules: what a module holds (state, layers) and what it does
 (its forward's parameters, and what it returns for an input of a given layout, found by running
 it on fake tensors). A check that fails raises :class:`Unsupported` with the reason."""
+import contextlib
 import inspect
 import logging
 from typing import List, Optional, Sequence
@@ -91,6 +92,31 @@ def require_forward(m: nn.Module, served: Sequence[str]) -> None:
                               f"(it serves {', '.join(served)})")
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+@contextlib.contextmanager
+def hooks_silenced(*modules: nn.Module):
+    """Run a check without firing the hooks users registered on ``modules`` and their submodules
+    (a probe must not feed fake tensors to a user's hook): each non-empty hook dict is swapped for
+    an empty one and the very same dict put back afterwards, so the hooks' handles stay valid."""
+    saved = []
+    for m in modules:
+        for sub in m.modules():
+            for name in _HOOK_DICTS:
+                hooks = sub.__dict__.get(name)
+                if hooks:
+                    saved.append((sub, name, hooks))
+                    sub.__dict__[name] = type(hooks)()
+    try:
+        yield
+    finally:
+        for sub, name, hooks in saved:
+            sub.__dict__[name] = hooks
+
+
 def _first_tensor(m: nn.Module) -> Optional[torch.Tensor]:
     for t in list(m.parameters()) + list(m.buffers()):
         if t.is_floating_point():
@@ -100,9 +126,9 @@ def _first_tensor(m: nn.Module) -> Optional[torch.Tensor]:
 
 def probe(m: nn.Module, shape: Sequence[int], **kwargs):
     """Run ``m``'s forward on a fake input of ``shape`` (the dtype and device of its parameters)
-    and return what it returns, as fake tensors: nothing is computed, no state changes, and the
-    random number generators are left as they were. Raise :class:`Unsupported` when the forward
-    fails on that input."""
+    and return what it returns, as fake tensors: nothing is computed, no state changes, no hook
+    registered on ``m`` or its submodules fires, and the random number generators are left as
+    they were. Raise :class:`Unsupported` when the forward fails on that input."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     like = _first_tensor(m)
@@ -115,7 +141,7 @@ def probe(m: nn.Module, shape: Sequence[int], **kwargs):
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     was_disabled, fake_log.disabled = fake_log.disabled, True
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), hooks_silenced(m), \
                 FakeTensorMode(allow_non_fake_inputs=True) as mode:
             x = torch.empty(tuple(shape), dtype=dtype, device=device)
             # fake copies of the state: an in-place update in the forward (BatchNorm's

@@ -21,7 +21,7 @@ from ssl_fast.nn.conv_attention import ConvAttention
 from ssl_fast.nn.dino_block import DINOBlock
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.patch.checks import (Unsupported, _is_ours, adopt, constant_scale, finish, forward_parameters,
-                                   probe, require_dropout, require_forward, require_linear,
+                                   hooks_silenced, probe, require_dropout, require_forward, require_linear,
                                    require_maps_to_same_shape, unexpected_state)
 
 
@@ -49,13 +49,19 @@ def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[
                           tol: float = 1e-9) -> None:
     """Raise :class:`Unsupported` unless ``old`` and ``new`` return the same on every call.
 
-    Both run in eval mode (restored afterwards) on the CPU in float64, through
-    :func:`torch.func.functional_call` with the same random values for every parameter and
+    Both run in eval mode (restored afterwards) on the CPU in float64 on one intra-op thread,
+    through :func:`torch.func.functional_call` with the same random values for every parameter and
     floating buffer (``running_var`` kept positive; integer buffers copied), the reference
-    backend, no gradient and a forked random state: the modules' own tensors, devices and random
-    streams are untouched. Skipped when the module's tensors are on the meta device (nothing to
-    compute with). It runs on one intra-op thread (restored afterwards). ``calls`` are ``(args, kwargs)`` pairs of float64 CPU inputs; outputs (tensors
-    or tuples of them) must agree to relative error ``tol``.
+    backend, no gradient, a forked random state and no user hook firing: the modules' own tensors,
+    devices, hooks and random streams are untouched. Skipped when the module's tensors are on the
+    meta device (nothing to compute with).
+
+    Args:
+        old: the module found in the model.
+        new: its replacement (sharing ``old``'s submodules, so the same state names).
+        calls: ``(args, kwargs)`` pairs of float64 CPU inputs for both forwards.
+        what: names the module in the reason.
+        tol: largest relative difference ``norm(new - old) / norm(old)`` allowed per output tensor.
     """
     tensors = list(old.named_parameters(remove_duplicate=False)) + list(old.named_buffers(remove_duplicate=False))
     if any(t.is_meta for _, t in tensors):
@@ -74,7 +80,8 @@ def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[
         # the inputs are tiny: one thread (several stall for long on a loaded machine)
         torch.set_num_threads(1)
         old.eval(), new.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), use_backend("reference"):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), use_backend("reference"), \
+                hooks_silenced(old, new):
             for args, kwargs in calls:
                 want = _flat(functional_call(old, values, args, kwargs))
                 got = _flat(functional_call(new, values, args, kwargs))
@@ -184,6 +191,10 @@ def _convert_dino_block(m: nn.Module) -> nn.Module:
     missing = [n for n in _DINO_BLOCK_CHILDREN if m._modules.get(n) is None]
     if missing:
         raise Unsupported(f"not DINO's Block: no {missing}")
+    for name, sub in (("attn", m.attn), ("attn.attn_drop", getattr(m.attn, "attn_drop", None))):
+        if sub is not None and (sub._forward_hooks or sub._forward_pre_hooks):
+            raise Unsupported(f"forward hooks are registered on {name}: they see the attention probabilities "
+                              f"(or DINO's (x, attn) pair), which the fused path does not form")
     attn = _convert_dino_attention(m.attn)
     dim = attn.qkv.in_features
     new = DINOBlock.__new__(DINOBlock)

@@ -157,6 +157,20 @@ def test_dino_variants_skipped(build, skipped):
     check_patched_matches(build, lambda: [torch.randn(2, 5, 32)], {}, skipped)
 
 
+def test_dino_hooked_attention_skipped():
+    """A hook on attn_drop (how attention-rollout scripts grab DINO's maps) would stop firing."""
+    seen = []
+    model = _dino_vit()
+    model.blocks[1].attn.attn_drop.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    report = ssl_fast.patch(model)
+    assert report.replaced == ["blocks.0"], str(report)
+    reasons = _skips(report)
+    assert "forward hooks are registered on attn.attn_drop" in reasons["blocks.1"]
+    assert "returns a tuple (x, attn)" in reasons["blocks.1.attn"]
+    model(torch.randn(1, 3, 32, 32))
+    assert seen == [(1, 4, 17, 17)]
+
+
 def test_dino_block_drop_in_constructor():
     """DINOBlock built by hand is DINO's Block: same state_dict keys, same outputs and maps."""
     torch.manual_seed(0)
@@ -351,7 +365,8 @@ def _cvt_tiny():
 def test_float32_through_triton_kernels(build, maps):
     """Patched model on the Triton backend against the eager model, float32: train outputs and every
     gradient under the same random stream (gradients that are zero in exact arithmetic, such as a
-    key bias, are rounding noise in both: against a floor of 1e-3 of the total gradient norm), eval outputs, DINO's maps."""
+    key bias, are rounding noise in both: against a floor of 1e-3 of the total gradient norm), eval
+    outputs, DINO's maps."""
     torch.manual_seed(0)
     ref = build()
     _perturb(ref, 0)
