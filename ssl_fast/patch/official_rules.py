@@ -204,7 +204,9 @@ def _convert_dino_block(m: nn.Module) -> nn.Module:
     adopt(new, m, ("drop_path", "norm2", "mlp"))
     x = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     require_same_function(m, new, [((x,), {}), ((x,), {"return_attention": True})], "DINO Block")
-    return _finish_keeping_modes(new, m)
+    _finish_keeping_modes(new, m)
+    attn.training = m.attn.training  # the new attn is not one of m's submodules
+    return new
 
 
 def _match_dino_attention(m: nn.Module) -> bool:

@@ -198,6 +198,7 @@ def test_patch_leaves_weights_modes_and_random_stream_alone():
     model = _dino_vit(drop_path_rate=0.1)
     model.train()
     model.blocks[1].eval()
+    model.blocks[0].attn.eval()
     params = {n: p for n, p in model.named_parameters()}
     values = {n: p.detach().clone() for n, p in params.items()}
     state = torch.get_rng_state()
@@ -207,6 +208,7 @@ def test_patch_leaves_weights_modes_and_random_stream_alone():
         assert p is params[n] and torch.equal(p, values[n]), n
     assert model.blocks[0].training and not model.blocks[1].training
     assert not model.blocks[1].attn.training and model.blocks[0].mlp.training
+    assert not model.blocks[0].attn.training and not model.blocks[0].attn.qkv.training
 
 
 # ----------------------------------------------------------------------------------------------
