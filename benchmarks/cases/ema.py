@@ -1,7 +1,16 @@
 """EMA benchmark: the teacher update of a ViT-S/16 or ViT-B/16 (parameter shapes built here, no timm).
 
-Providers: the per-parameter loop of the official DINO code (baseline), timm's
-``torch._foreach_lerp_`` (ModelEmaV3), and each ssl_fast backend.
+Providers:
+  * ``official_loop`` (baseline): the per-parameter loop of the official DINO code
+    (facebookresearch/dino, main_dino.py, the EMA update of the teacher in ``train_one_epoch``:
+    ``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)``), re-stated here;
+  * ``lightly_update_momentum``: lightly's own ``lightly.models.utils.update_momentum`` (what
+    lightly's DINO/BYOL examples call each step, with ``m`` from
+    ``lightly.utils.scheduler.cosine_schedule``, a Python float), on modules holding the tensors;
+    skipped with the reason when lightly is not installed;
+  * ``foreach_lerp``: timm's ``torch._foreach_lerp_`` (ModelEmaV3's path, re-stated);
+  * ``ssl_fast[<backend>]`` for each backend; ``ssl_fast[reference]`` is the fallback of users
+    without the compiled extension, so its ratio to the baseline is the one to keep >= 1.
 """
 import torch
 
@@ -30,6 +39,26 @@ def _official_loop(teacher, student, m):
     return fn
 
 
+def _lightly_reason():
+    try:
+        import lightly.models.utils  # noqa: F401
+    except Exception as exc:  # not installed, or its import fails here
+        return f"lightly unavailable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _lightly_update_momentum(teacher, student, m):
+    from lightly.models.utils import update_momentum
+
+    def holder(tensors):
+        module = torch.nn.Module()
+        module.params = torch.nn.ParameterList(torch.nn.Parameter(t, requires_grad=False) for t in tensors)
+        return module
+
+    model, model_ema = holder(student), holder(teacher)
+    return lambda: update_momentum(model, model_ema, m)
+
+
 def _foreach_lerp(teacher, student, m):
     def fn():
         with torch.no_grad():
@@ -55,6 +84,9 @@ def cases(device, quick):
             n = sum(torch.Size(s).numel() for s in shapes)
             case = Case("ema", f"{name} ({n / 1e6:.1f}M, fp32<-{str(s_dtype)[6:]})", "fwd", "official_loop")
             case.providers.append(Provider("official_loop", lambda t=tensors: _official_loop(*t(), 0.996)))
+            case.providers.append(Provider("lightly_update_momentum",
+                                           lambda t=tensors: _lightly_update_momentum(*t(), 0.996),
+                                           _lightly_reason()))
             case.providers.append(Provider("foreach_lerp", lambda t=tensors: _foreach_lerp(*t(), 0.996)))
             for b in ("triton", "cpp", "reference"):
                 why = _reasons(b, device)
