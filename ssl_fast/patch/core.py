@@ -102,7 +102,8 @@ def _looks_like_attention(m: nn.Module) -> bool:
 def patch(model: nn.Module, rules: Optional[List[PatchRule]] = None) -> PatchReport:
     """Replace, in place, every submodule of ``model`` that a rule recognises with its ssl_fast
     drop-in (torch ``MultiheadAttention``, timm ViT ``Attention``, Swin ``WindowAttention``,
-    SAM-ViT ``Attention``, Hugging Face ``CvtSelfAttention``, and from the official research code
+    SAM-ViT ``Attention``, Hugging Face ``CvtSelfAttention`` and ViT/DeiT/DINOv2/Swin attention,
+    and from the official research code
     DINO's ViT ``Block``, segment-anything's and microsoft/CvT's ``Attention``, by default).
 
     Args:
