@@ -34,13 +34,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, forward_parameters,
-                                   probe, require_dropout, require_forward, require_linear,
-                                   require_maps_to_same_shape, unexpected_state)
 from ssl_fast.nn.conv_attention import CvtSelfAttention
+from ssl_fast.nn.hf_attention import (HFSwinAttention, HFViTAttention, _is_hf_capture_hook, _served_implementation,
+                                      _standard_index, hf_drop_in_class)
+from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, finish, forward_parameters, probe,
+                                   require_dropout, require_linear, unexpected_state)
 from ssl_fast.patch.official_rules import require_same_function
-from ssl_fast.nn.hf_attention import HFSwinAttention, HFViTAttention, _is_hf_capture_hook, _served_implementation, \
-    hf_drop_in_class
 
 
 _HF_CVT_PROJ = ("convolution_projection_query", "convolution_projection_key", "convolution_projection_value")
@@ -336,8 +335,6 @@ def _convert_hf_swin(m: nn.Module) -> nn.Module:
                           f"not {ws[0]} * {ws[1]}")
     index = getattr(rpb, "relative_position_index", None)
     if isinstance(index, torch.Tensor) and not index.is_meta:
-        from ssl_fast.nn.hf_attention import _standard_index
-
         if not _standard_index(rpb):
             raise Unsupported("relative_position_index is not Swin's standard index for its window "
                               "(the kernel derives that one from the window size)")

@@ -153,8 +153,7 @@ def test_hf_model_patched_matches(model, impl, output_attentions, fused, fused_c
     if impl == "eager" and output_attentions:  # recorded by transformers' hooks, one per layer (Swin: per stage)
         with torch.no_grad():
             out = mine(torch.randn(1, 3, size, size, dtype=torch.float64), output_attentions=True)
-        want = 2
-        assert len(out.attentions) == want and all(a is not None for a in out.attentions)
+        assert len(out.attentions) == 2 and all(a is not None for a in out.attentions)
 
 
 def test_sdpa_output_attentions_is_empty_as_before(fused_calls):
@@ -341,9 +340,11 @@ def _skip_reason(model, name):
     return {s.name: s.reason for s in report.skipped}[name]
 
 
+_PlainNamedLikeHF = type("ViTAttention", (_Plain,), {"forward": _Plain.forward})
+
+
 @pytest.mark.parametrize("change,words", [
-    (lambda m: setattr(m.layers[0], "attention", type("ViTAttention", (_Plain,), {"forward": _Plain.forward})(m.config)),
-     "not in Hugging Face transformers"),
+    (lambda m: setattr(m.layers[0], "attention", _PlainNamedLikeHF(m.config)), "not in Hugging Face transformers"),
     (lambda m: setattr(m.layers[0], "attention", type("ViTAttention", (modeling_vit.ViTAttention,), {})(m.config)),
      "inherits its forward"),
     (lambda m: m.layers[0].attention.register_buffer("head_mask", torch.ones(2)), "extra state ['head_mask']"),
