@@ -168,6 +168,13 @@ def test_sdpa_output_attentions_is_empty_as_before(fused_calls):
     assert len(fused_calls) == 2 and rel_error(b.last_hidden_state, a.last_hidden_state) < 1e-12
 
 
+def test_other_image_size_with_interpolated_positions(fused_calls):
+    """48 px images on a 32 px DINOv2 (37 tokens instead of 17): positions interpolated, attention fused."""
+    build, _, hf_classes = MODELS["Dinov2Model(SwiGLU)"]
+    check_patched_matches(lambda: build("sdpa"), _images(48), {n: _cls(c) for n, c in hf_classes.items()})
+    assert len(fused_calls) == 6 and all(shape[2] == 37 for shape in fused_calls)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_padding_attention_mask(impl, fused_calls):
     """ViT takes an ``attention_mask [B, N]``: Hugging Face makes it an additive (eager) or boolean
