@@ -22,7 +22,15 @@ Layout: ``core.py`` (report, walker, table), ``checks.py`` (helpers for rules), 
 ``<library>_rules.py`` per library whose modules are recognised.
 """
 from ssl_fast.patch import hf_rules, official_rules, timm_rules, torch_rules
-from ssl_fast.patch.core import RULES, PatchReport, PatchRule, Skipped, Unsupported, patch, register_rule
+from ssl_fast.patch.core import (
+    RULES,
+    PatchReport,
+    PatchRule,
+    Skipped,
+    Unsupported,
+    patch,
+    register_rule,
+)
 
 RULES[:] = [
     PatchRule("torch_mha", torch_rules._match_torch_mha, torch_rules._convert_torch_mha, torch_rules._note_torch_mha),

@@ -1,14 +1,18 @@
-"""Helpers shared by the patch rules: what a module holds (state, layers) and what it does
-(its forward's parameters, and what it returns for an input of a given layout, found by running
-it on fake tensors). A check that fails raises :class:`Unsupported` with the reason."""
+"""Helpers shared by the patch rules, in the order a rule uses them: what a module holds (state,
+layers), what its forward takes (parameters) and returns for an input of a given layout (found by
+running it on fake tensors, :func:`probe`), and finally whether it computes the same function as
+its replacement (a float64 run of both on random weights, :func:`require_same_function`). A check
+that fails raises :class:`Unsupported` with the reason."""
 import contextlib
 import inspect
 import logging
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
+from ssl_fast._backend import use_backend
 from ssl_fast.patch.core import Unsupported, _cls, _is_ours  # noqa: F401  (re-exported for the rules)
 
 
@@ -156,16 +160,131 @@ def probe(m: nn.Module, shape: Sequence[int], **kwargs):
         fake_log.disabled = was_disabled
 
 
-def require_maps_to_same_shape(m: nn.Module, shape: Sequence[int], layout: str, **kwargs) -> None:
-    """Raise :class:`Unsupported` unless the forward takes an input of ``shape`` (``layout``
-    names it in messages, e.g. ``"[B, N, C] tokens"``) and returns one tensor of the same shape,
-    as the drop-in does: a tuple (``(x, attn)``, say) or another shape is another contract."""
-    out = probe(m, shape, **kwargs)
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _other_layout(m: nn.Module, channels: int) -> Optional[str]:
+    """For a forward that refused the drop-in's layout: the 4-D layout it takes, if any."""
+    for shape, what in (((2, 3, 4, channels), "a 4-D channels-last input ([B, H, W, C] or [B, T, N, C])"),
+                        ((2, channels, 3, 4), "a 4-D channels-first input ([B, C, H, W])")):
+        try:
+            probe(m, shape)
+        except Unsupported:
+            continue
+        return what
+    return None
+
+
+def require_returns(m: nn.Module, shape: Sequence[int], out_shape: Sequence[int], layout: str,
+                     channels: int) -> None:
+    """Raise :class:`Unsupported` unless the forward takes ``shape`` (``layout`` names it) and
+    returns one tensor of ``out_shape``, checked on fake tensors."""
+    try:
+        out = probe(m, shape)
+    except Unsupported as exc:
+        other = _other_layout(m, channels)
+        taken = f"; it takes {other}" if other else ""
+        raise Unsupported(f"not the {layout} layout the drop-in takes: {exc}{taken}") from None
     if isinstance(out, (tuple, list)):
-        raise Unsupported(f"its forward returns a {type(out).__name__} of {len(out)} for {layout}, "
-                          f"the drop-in returns one tensor")
+        raise Unsupported(f"its forward returns a {type(out).__name__} of {len(out)} for {layout} "
+                          f"{_shape(shape)} (e.g. (x, attn)); the drop-in returns one tensor")
     if not isinstance(out, torch.Tensor):
         raise Unsupported(f"its forward returns {type(out).__name__} for {layout}, not a tensor")
-    if tuple(out.shape) != tuple(shape):
-        raise Unsupported(f"its forward maps {layout} {list(shape)} to {list(out.shape)}, "
-                          f"the drop-in keeps the shape")
+    if tuple(out.shape) != tuple(out_shape):
+        raise Unsupported(f"its forward maps {layout} {_shape(shape)} to {_shape(out.shape)}; the "
+                          f"drop-in returns {_shape(out_shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the function itself: a float64 run of the original against the replacement
+# ----------------------------------------------------------------------------------------------
+def _flat(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    raise Unsupported(f"its forward returns {type(out).__name__}")
+
+
+def _modes(*modules: nn.Module) -> Dict[nn.Module, bool]:
+    return {sub: sub.training for m in modules for sub in m.modules()}
+
+
+def _restore(modes: Dict[nn.Module, bool]) -> None:
+    for sub, training in modes.items():
+        sub.training = training
+
+
+def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[tuple, dict]], what: str,
+                          tol: float = 1e-9) -> None:
+    """Raise :class:`Unsupported` unless ``old`` and ``new`` return the same on every call.
+
+    Both run in eval mode (restored afterwards) on the CPU in float64 on one intra-op thread,
+    through :func:`torch.func.functional_call` with the same random values for every parameter and
+    floating buffer (``running_var`` kept positive; integer buffers copied), the reference
+    backend, no gradient, a forked random state and no user hook firing: the modules' own tensors,
+    devices, hooks and random streams are untouched. Skipped when the module's tensors are on the
+    meta device (nothing to compute with).
+
+    Args:
+        old: the module found in the model.
+        new: its replacement (sharing ``old``'s submodules, so the same state names).
+        calls: ``(args, kwargs)`` pairs of float64 CPU inputs for both forwards.
+        what: names the module in the reason.
+        tol: largest relative difference ``norm(new - old) / norm(old)`` allowed per output tensor.
+    """
+    tensors = list(old.named_parameters(remove_duplicate=False)) + list(old.named_buffers(remove_duplicate=False))
+    if any(t.is_meta for _, t in tensors):
+        return
+    g = torch.Generator().manual_seed(0)
+    values = {}
+    for name, t in tensors:
+        if t.is_floating_point():
+            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            values[name] = r.abs() + 0.5 if name.endswith("running_var") else r
+        else:
+            values[name] = t.detach().cpu().clone()
+    modes = _modes(old, new)
+    threads = torch.get_num_threads()
+    try:
+        # the inputs are tiny: one thread (several stall for long on a loaded machine)
+        torch.set_num_threads(1)
+        old.eval(), new.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), use_backend("reference"), \
+                hooks_silenced(old, new):
+            for args, kwargs in calls:
+                want = _flat(functional_call(old, values, args, kwargs))
+                got = _flat(functional_call(new, values, args, kwargs))
+                if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+                    raise Unsupported(f"{what}: the drop-in returns {[tuple(t.shape) for t in got]}, the original "
+                                      f"{[tuple(t.shape) for t in want]}")
+                for a, b in zip(got, want):
+                    err = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+                    if not err <= tol:
+                        raise Unsupported(f"{what}: its forward computes something else than the drop-in "
+                                          f"(relative difference {err:.2g} on a test input)")
+    except Unsupported:
+        raise
+    except Exception as exc:
+        raise Unsupported(f"{what}: the check run failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    finally:
+        torch.set_num_threads(threads)
+        _restore(modes)
+
+
+def finish_keeping_modes(new: nn.Module, old: nn.Module) -> nn.Module:
+    """:func:`finish`, but every adopted submodule keeps its own train/eval mode (a frozen
+    BatchNorm stays in eval mode inside a training model), and the children are in the
+    original's order (so are the state_dict keys)."""
+    for registry in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = getattr(new, registry), getattr(old, registry)
+        for name in [n for n in theirs if n in mine] + [n for n in list(mine) if n not in theirs]:
+            mine[name] = mine.pop(name)
+    modes = {sub: sub.training for sub in old.modules()}
+    finish(new, old)
+    for sub in new.modules():
+        if sub in modes:
+            sub.training = modes[sub]
+    return new

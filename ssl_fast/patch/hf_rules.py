@@ -18,7 +18,7 @@ family's self-attention, ``ViTAttention``, ``DeiTAttention``, ``Dinov2Attention`
 5. behaviour, when ``config._attn_implementation`` is ``"eager"`` or ``"sdpa"``: the forward, run on
    fake tensors, maps ``[B, N, C]`` tokens to ``(tensor [B, N, C], weights or None)``; and the
    original and the drop-in, run on small float64 inputs (with and without a mask) with the same
-   random weights (:func:`ssl_fast.patch.official_rules.require_same_function`), agree.
+   random weights (:func:`ssl_fast.patch.checks.require_same_function`), agree.
 
 ``hf_cvt`` checks the ``dw_bn`` projection modules and ends with the same numerical check.
 
@@ -35,12 +35,27 @@ import torch
 from torch import nn
 
 from ssl_fast.nn.conv_attention import CvtSelfAttention
-from ssl_fast.nn.hf_attention import (HFSwinAttention, HFViTAttention, _is_hf_capture_hook, _served_implementation,
-                                      _standard_index, hf_drop_in_class)
-from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, finish, forward_parameters, probe,
-                                   require_dropout, require_linear, unexpected_state)
-from ssl_fast.patch.official_rules import require_same_function
-
+from ssl_fast.nn.hf_attention import (
+    HFSwinAttention,
+    HFViTAttention,
+    _is_hf_capture_hook,
+    _served_implementation,
+    _standard_index,
+    hf_drop_in_class,
+)
+from ssl_fast.patch.checks import (
+    Unsupported,
+    _cls,
+    _is_ours,
+    adopt,
+    finish,
+    forward_parameters,
+    probe,
+    require_dropout,
+    require_linear,
+    require_same_function,
+    unexpected_state,
+)
 
 _HF_CVT_PROJ = ("convolution_projection_query", "convolution_projection_key", "convolution_projection_value")
 _HF_CVT_LINEAR = ("projection_query", "projection_key", "projection_value")

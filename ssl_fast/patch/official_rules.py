@@ -9,114 +9,30 @@ the replacement run on a small float64 CPU input with the same random weights (t
 tensors are not touched, and nothing runs on its device) and must agree. A copy whose forward
 computes something else is skipped with that reason instead of being replaced.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ssl_fast._backend import use_backend
 from ssl_fast.nn.attention import Attention
 from ssl_fast.nn.conv_attention import ConvAttention
 from ssl_fast.nn.dino_block import DINOBlock
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
-from ssl_fast.patch.checks import (Unsupported, _is_ours, adopt, constant_scale, finish, forward_parameters,
-                                   hooks_silenced, probe, require_dropout, require_forward, require_linear,
-                                   require_maps_to_same_shape, unexpected_state)
-
-
-# ----------------------------------------------------------------------------------------------
-# shared helpers
-# ----------------------------------------------------------------------------------------------
-def _flat(out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    raise Unsupported(f"its forward returns {type(out).__name__}")
-
-
-def _modes(*modules: nn.Module) -> Dict[nn.Module, bool]:
-    return {sub: sub.training for m in modules for sub in m.modules()}
-
-
-def _restore(modes: Dict[nn.Module, bool]) -> None:
-    for sub, training in modes.items():
-        sub.training = training
-
-
-def require_same_function(old: nn.Module, new: nn.Module, calls: Sequence[Tuple[tuple, dict]], what: str,
-                          tol: float = 1e-9) -> None:
-    """Raise :class:`Unsupported` unless ``old`` and ``new`` return the same on every call.
-
-    Both run in eval mode (restored afterwards) on the CPU in float64 on one intra-op thread,
-    through :func:`torch.func.functional_call` with the same random values for every parameter and
-    floating buffer (``running_var`` kept positive; integer buffers copied), the reference
-    backend, no gradient, a forked random state and no user hook firing: the modules' own tensors,
-    devices, hooks and random streams are untouched. Skipped when the module's tensors are on the
-    meta device (nothing to compute with).
-
-    Args:
-        old: the module found in the model.
-        new: its replacement (sharing ``old``'s submodules, so the same state names).
-        calls: ``(args, kwargs)`` pairs of float64 CPU inputs for both forwards.
-        what: names the module in the reason.
-        tol: largest relative difference ``norm(new - old) / norm(old)`` allowed per output tensor.
-    """
-    tensors = list(old.named_parameters(remove_duplicate=False)) + list(old.named_buffers(remove_duplicate=False))
-    if any(t.is_meta for _, t in tensors):
-        return
-    g = torch.Generator().manual_seed(0)
-    values = {}
-    for name, t in tensors:
-        if t.is_floating_point():
-            r = torch.randn(t.shape, generator=g, dtype=torch.float64)
-            values[name] = r.abs() + 0.5 if name.endswith("running_var") else r
-        else:
-            values[name] = t.detach().cpu().clone()
-    modes = _modes(old, new)
-    threads = torch.get_num_threads()
-    try:
-        # the inputs are tiny: one thread (several stall for long on a loaded machine)
-        torch.set_num_threads(1)
-        old.eval(), new.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), use_backend("reference"), \
-                hooks_silenced(old, new):
-            for args, kwargs in calls:
-                want = _flat(functional_call(old, values, args, kwargs))
-                got = _flat(functional_call(new, values, args, kwargs))
-                if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
-                    raise Unsupported(f"{what}: the drop-in returns {[tuple(t.shape) for t in got]}, the original "
-                                      f"{[tuple(t.shape) for t in want]}")
-                for a, b in zip(got, want):
-                    err = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-                    if not err <= tol:
-                        raise Unsupported(f"{what}: its forward computes something else than the drop-in "
-                                          f"(relative difference {err:.2g} on a test input)")
-    except Unsupported:
-        raise
-    except Exception as exc:
-        raise Unsupported(f"{what}: the check run failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})")
-    finally:
-        torch.set_num_threads(threads)
-        _restore(modes)
-
-
-def _finish_keeping_modes(new: nn.Module, old: nn.Module) -> nn.Module:
-    """:func:`finish`, but every adopted submodule keeps its own train/eval mode (a frozen
-    BatchNorm stays in eval mode inside a training model), and the children are in the
-    original's order (so are the state_dict keys)."""
-    for registry in ("_parameters", "_buffers", "_modules"):
-        mine, theirs = getattr(new, registry), getattr(old, registry)
-        for name in [n for n in theirs if n in mine] + [n for n in list(mine) if n not in theirs]:
-            mine[name] = mine.pop(name)
-    modes = {sub: sub.training for sub in old.modules()}
-    finish(new, old)
-    for sub in new.modules():
-        if sub in modes:
-            sub.training = modes[sub]
-    return new
+from ssl_fast.patch.checks import (
+    Unsupported,
+    _is_ours,
+    adopt,
+    constant_scale,
+    finish_keeping_modes,
+    forward_parameters,
+    probe,
+    require_dropout,
+    require_forward,
+    require_linear,
+    require_returns,
+    require_same_function,
+    unexpected_state,
+)
 
 
 def _is_a(m: nn.Module, class_name: str) -> bool:
@@ -175,7 +91,7 @@ def _convert_dino_attention(m: nn.Module) -> Attention:
                     proj_bias=proj.bias is not None, device="meta")
     new.scale = constant_scale(m, dim // heads)
     adopt(new, m, _DINO_ATTN_CHILDREN)
-    return _finish_keeping_modes(new, m)
+    return finish_keeping_modes(new, m)
 
 
 def _match_dino_block(m: nn.Module) -> bool:
@@ -204,7 +120,7 @@ def _convert_dino_block(m: nn.Module) -> nn.Module:
     adopt(new, m, ("drop_path", "norm2", "mlp"))
     x = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     require_same_function(m, new, [((x,), {}), ((x,), {"return_attention": True})], "DINO Block")
-    _finish_keeping_modes(new, m)
+    finish_keeping_modes(new, m)
     attn.training = m.attn.training  # the new attn is not one of m's submodules
     return new
 
@@ -255,7 +171,7 @@ def _convert_sam_attention(m: nn.Module) -> nn.Module:
         input_size = tuple((t.shape[0] + 1) // 2 for t in tables)
     if proj.out_features != dim:
         raise Unsupported(f"proj maps {dim} -> {proj.out_features}; the drop-in keeps the width")
-    require_maps_to_same_shape(m, (1, 2, 3, dim), "[B, H, W, C] grid")
+    require_returns(m, (1, 2, 3, dim), (1, 2, 3, dim), "[B, H, W, C] grid", dim)
     new = RelPosAttention(dim, heads, qkv_bias=qkv.bias is not None, use_rel_pos=use_rel_pos,
                           input_size=input_size, device="meta")
     new.scale = constant_scale(m, head_dim)
@@ -265,7 +181,7 @@ def _convert_sam_attention(m: nn.Module) -> nn.Module:
     if input_size is not None and input_size[0] * input_size[1] <= 64 and input_size != (3, 4):
         calls.append(((torch.randn(1, *input_size, dim, generator=g, dtype=torch.float64),), {}))
     require_same_function(m, new, calls, "SAM Attention")
-    return _finish_keeping_modes(new, m)
+    return finish_keeping_modes(new, m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,4 +279,4 @@ def _convert_cvt_attention(m: nn.Module) -> nn.Module:
     adopt(new, m, _CVT_CHILDREN)
     x = torch.randn(2, tokens, dim_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     require_same_function(m, new, [((x, hw[0], hw[1]), {})], "CvT Attention")
-    return _finish_keeping_modes(new, m)
+    return finish_keeping_modes(new, m)

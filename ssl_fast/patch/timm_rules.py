@@ -17,7 +17,7 @@ in this order, that the module is the variant the drop-in computes exactly, and 
    whose ``scale`` was changed from ``head_dim ** -0.5`` computes something that depends on the
    path, and is skipped;
 7. the function: the original and the replacement run on small float64 CPU inputs with the same
-   random weights (``official_rules.require_same_function``: the module's own tensors, device and
+   random weights (``checks.require_same_function``: the module's own tensors, device and
    random streams are untouched) and must agree, with and without the masks the forward takes.
    A same-named class with the same state and layout that computes something else is skipped.
 
@@ -26,59 +26,34 @@ keeping its own train/eval mode), copies ``fused_attn`` and the module's mode, a
 timm calls on it (``set_window_size``, ``reset_parameters``, ``init_non_persistent_buffers`` for Swin).
 """
 import math
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ssl_fast.patch.checks import (Unsupported, _cls, _is_ours, adopt, constant_scale, finish, forward_parameters,
-                                   probe, require_dropout, require_forward, require_linear, unexpected_state)
-from ssl_fast.patch.official_rules import require_same_function
 from ssl_fast.nn.attention import Attention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
+from ssl_fast.patch.checks import (
+    Unsupported,
+    _cls,
+    _is_ours,
+    adopt,
+    constant_scale,
+    finish_keeping_modes,
+    forward_parameters,
+    require_dropout,
+    require_forward,
+    require_linear,
+    require_returns,
+    require_same_function,
+    unexpected_state,
+)
 from ssl_fast.reference.attention import window_relative_index
 
 
 # ----------------------------------------------------------------------------------------------
 # shared checks
 # ----------------------------------------------------------------------------------------------
-def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _other_layout(m: nn.Module, channels: int) -> Optional[str]:
-    """For a forward that refused the drop-in's layout: the 4-D layout it takes, if any."""
-    for shape, what in (((2, 3, 4, channels), "a 4-D channels-last input ([B, H, W, C] or [B, T, N, C])"),
-                        ((2, channels, 3, 4), "a 4-D channels-first input ([B, C, H, W])")):
-        try:
-            probe(m, shape)
-        except Unsupported:
-            continue
-        return what
-    return None
-
-
-def _require_returns(m: nn.Module, shape: Sequence[int], out_shape: Sequence[int], layout: str,
-                     channels: int) -> None:
-    """Raise :class:`Unsupported` unless the forward takes ``shape`` (``layout`` names it) and
-    returns one tensor of ``out_shape``, checked on fake tensors."""
-    try:
-        out = probe(m, shape)
-    except Unsupported as exc:
-        other = _other_layout(m, channels)
-        taken = f"; it takes {other}" if other else ""
-        raise Unsupported(f"not the {layout} layout the drop-in takes: {exc}{taken}") from None
-    if isinstance(out, (tuple, list)):
-        raise Unsupported(f"its forward returns a {type(out).__name__} of {len(out)} for {layout} "
-                          f"{_shape(shape)} (e.g. (x, attn)); the drop-in returns one tensor")
-    if not isinstance(out, torch.Tensor):
-        raise Unsupported(f"its forward returns {type(out).__name__} for {layout}, not a tensor")
-    if tuple(out.shape) != tuple(out_shape):
-        raise Unsupported(f"its forward maps {layout} {_shape(shape)} to {_shape(out.shape)}; the "
-                          f"drop-in returns {_shape(out_shape)}")
-
-
 def _scale(m: nn.Module, head_dim: int) -> float:
     """The logit scale the module computes with (see the module docstring, point 6)."""
     scale = constant_scale(m, head_dim)
@@ -103,12 +78,7 @@ def _done(new: nn.Module, old: nn.Module, calls, what: str) -> nn.Module:
     require_same_function(old, new, calls, what)
     if hasattr(old, "fused_attn"):
         new.fused_attn = bool(old.fused_attn)
-    modes = {sub: sub.training for sub in old.modules()}
-    finish(new, old)
-    for sub in new.modules():
-        if sub in modes:
-            sub.training = modes[sub]
-    return new
+    return finish_keeping_modes(new, old)
 
 
 def _randn(*shape: int) -> torch.Tensor:
@@ -144,7 +114,7 @@ def _convert_timm_vit(m: nn.Module) -> nn.Module:
             raise Unsupported(f"gate is Linear({gate.in_features}, {gate.out_features}), not "
                               f"Linear(dim, num_heads * head_dim)")
     dim = qkv.in_features
-    _require_returns(m, (2, 5, dim), (2, 5, proj.out_features), "[B, N, C] tokens", dim)
+    require_returns(m, (2, 5, dim), (2, 5, proj.out_features), "[B, N, C] tokens", dim)
     scale = _scale(m, head_dim)
     new = Attention(dim, heads, attn_head_dim=head_dim, dim_out=proj.out_features,
                     qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None,
@@ -200,7 +170,7 @@ def _convert_timm_swin(m: nn.Module) -> nn.Module:
         raise Unsupported("proj width disagrees with qkv")
     dim = qkv.in_features
     n = window[0] * window[1]
-    _require_returns(m, (2, n, dim), (2, n, dim), "[B * nW, N, C] windows", dim)
+    require_returns(m, (2, n, dim), (2, n, dim), "[B * nW, N, C] windows", dim)
     scale = _scale(m, head_dim)
     new = WindowAttention(dim, heads, head_dim=head_dim, window_size=window,
                           qkv_bias=qkv.bias is not None, device="meta")
@@ -247,7 +217,7 @@ def _convert_timm_sam(m: nn.Module) -> nn.Module:
             raise Unsupported(f"rel_pos tables {tuple(h_t.shape)}, {tuple(w_t.shape)} are not "
                               f"[2 * size - 1, head_dim]")
         input_size = grid = ((h_t.shape[0] + 1) // 2, (w_t.shape[0] + 1) // 2)
-    _require_returns(m, (2, *grid, dim), (2, *grid, dim), "[B, H, W, C] map", dim)
+    require_returns(m, (2, *grid, dim), (2, *grid, dim), "[B, H, W, C] map", dim)
     scale = _scale(m, head_dim)
     new = RelPosAttention(dim, heads, qkv_bias=qkv.bias is not None, use_rel_pos=use_rel_pos,
                           input_size=input_size, device="meta")

@@ -3,8 +3,8 @@ from typing import Optional
 
 from torch import nn
 
-from ssl_fast.patch.checks import (Unsupported, _cls, adopt, finish, unexpected_state)
 from ssl_fast.nn.multihead_attention import MultiheadAttention
+from ssl_fast.patch.checks import Unsupported, _cls, adopt, finish, unexpected_state
 
 
 def _match_torch_mha(m: nn.Module) -> bool:
