@@ -396,6 +396,7 @@ def test_torch_compile_fullgraph():
 @given(cls=st.booleans(), hw=st.sampled_from([(7, 5), (4, 4), (3, 6)]), heads=st.sampled_from([1, 2]),
        training=st.booleans(), seed=st.integers(0, 100))
 def test_conv_attention_matches_official(cls, hw, heads, training, seed):
+    pytest.importorskip("timm")  # the official CvT code imports timm
     from official.microsoft_cvt import Attention as OfficialCvTAttention
     from ssl_fast.nn import ConvAttention
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import ssl_fast
 from helpers import available_backends, rel_error
+pytest.importorskip("timm")  # the real library; where it is not installed (the GPU image) these tests skip
 from official import dino_vision_transformer as dino
 from official import microsoft_cvt as cvt
 from official import segment_anything_image_encoder as sam
