@@ -4,9 +4,10 @@ This is the fallback every user without the compiled extension runs, so it must 
 than the per-parameter loop it replaces (``pt.mul_(m).add_((1 - m) * ps)``: three kernels and a
 temporary per parameter). Pairs are grouped by (device, teacher dtype, student dtype) and each
 group is updated by two ``_foreach`` calls: ``e *= m``, then ``e += (1 - m) * t`` (fused across
-tensors on CUDA; no temporaries). On the CPU a group runs in batches of about ``_CPU_BATCH``
-elements, so the second pass finds the teacher still in cache. A half-precision teacher is
-updated in a float32 workspace (one per call, reused across batches) and rounded back once.
+tensors on CUDA; no temporaries). On the CPU a group runs in pieces of at most ``_CPU_BATCH``
+elements, so the second pass finds the teacher still in cache. Operands that need a cast go
+through float32 workspaces (see :func:`_ema_group_`); a half-precision teacher is rounded back
+once.
 
 ``torch._foreach_lerp_`` would be one pass instead of two, but its ``e + w (t - e)`` form turns
 an infinite teacher or student into NaN where ``m e + (1 - m) t`` stays infinite.
@@ -16,21 +17,38 @@ from typing import List, Sequence, Union
 
 import torch
 
-_CPU_BATCH = 1 << 18  # elements: a float32 batch of 1 MiB stays in a Zen 4 / Sapphire Rapids L2
+# elements per CPU piece: 4 MiB of float32 stays in L3 between the two passes, and is large enough
+# that the per-call cost of an op split over the threads stays small next to its work
+_CPU_BATCH = 1 << 20
 
 
 def _acc_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
+def _cpu_pieces(es: List[torch.Tensor], ts: List[torch.Tensor], limit: int):
+    """Pairs split into pieces of at most ``limit`` elements (flat views of contiguous pairs)."""
+    pe, pt = [], []
+    for e, t in zip(es, ts):
+        if e.numel() > limit and e.is_contiguous() and t.is_contiguous():
+            pe += e.view(-1).split(limit)
+            pt += t.view(-1).split(limit)
+        else:
+            pe.append(e)
+            pt.append(t)
+    return pe, pt
+
+
 def _batches(es: List[torch.Tensor], limit: int):
-    """Consecutive index ranges ``(start, stop)`` of at least ``limit`` elements (the last may be short)."""
+    """Consecutive index ranges ``(start, stop)`` of at most ``limit`` elements, or one larger tensor."""
     start, size = 0, 0
     for j, e in enumerate(es):
+        if size and size + e.numel() > limit:
+            yield start, j
+            start, size = j, 0
         size += e.numel()
-        if size >= limit or j == len(es) - 1:
-            yield start, j + 1
-            start, size = j + 1, 0
+    if start < len(es):
+        yield start, len(es)
 
 
 def _mul_add_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[float, torch.Tensor]) -> None:
@@ -48,27 +66,44 @@ def _mul_add_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[fl
         torch._foreach_add_(es, ts, alpha=1.0 - momentum)
 
 
+def _views(work: torch.Tensor, like: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Consecutive slices of the flat ``work`` with the shapes of ``like``."""
+    out, offset = [], 0
+    for x in like:
+        out.append(work[offset:offset + x.numel()].view(x.shape))
+        offset += x.numel()
+    return out
+
+
 def _ema_group_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[float, torch.Tensor],
                 acc: torch.dtype) -> None:
-    """:func:`_mul_add_` in ``acc`` for one (device, teacher dtype, student dtype) group."""
+    """:func:`_mul_add_` in ``acc`` for one (device, teacher dtype, student dtype) group.
+
+    A teacher not in ``acc`` is updated in an ``acc`` workspace and copied back. On the CPU, so
+    is a student not in ``acc`` cast into one: given a mixed-dtype operand, the CPU kernels cast
+    it into a fresh buffer per tensor, whose pages fault in anew every step (CUDA casts on the
+    fly). The CPU also runs in cache-sized pieces, and the workspaces are reused across them.
+    """
     cpu = es[0].device.type == "cpu"
+    if cpu:
+        es, ts = _cpu_pieces(es, ts, _CPU_BATCH)
     batches = list(_batches(es, _CPU_BATCH if cpu else sum(e.numel() for e in es)))
-    work = None
-    if es[0].dtype != acc:
-        work = torch.empty(max(sum(e.numel() for e in es[a:b]) for a, b in batches), dtype=acc,
-                           device=es[0].device)
+    size = max(sum(e.numel() for e in es[a:b]) for a, b in batches)
+    work_e = torch.empty(size, dtype=acc, device=es[0].device) if es[0].dtype != acc else None
+    work_t = torch.empty(size, dtype=acc, device=es[0].device) if cpu and ts[0].dtype != acc else None
     for a, b in batches:
         batch_e, batch_t = es[a:b], ts[a:b]
-        if work is None:
+        if work_t is not None:
+            views_t = _views(work_t, batch_t)
+            torch._foreach_copy_(views_t, batch_t)
+            batch_t = views_t
+        if work_e is None:
             _mul_add_(batch_e, batch_t, momentum)
             continue
-        views, offset = [], 0
-        for e in batch_e:
-            views.append(work[offset:offset + e.numel()].view(e.shape))
-            offset += e.numel()
-        torch._foreach_copy_(views, batch_e)
-        _mul_add_(views, batch_t, momentum)
-        torch._foreach_copy_(batch_e, views)  # the one rounding to the teacher's dtype
+        views_e = _views(work_e, batch_e)
+        torch._foreach_copy_(views_e, batch_e)
+        _mul_add_(views_e, batch_t, momentum)
+        torch._foreach_copy_(batch_e, views_e)  # the one rounding to the teacher's dtype
 
 
 def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
