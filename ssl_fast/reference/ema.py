@@ -3,11 +3,10 @@
 This is the fallback every user without the compiled extension runs, so it must not be slower
 than the per-parameter loop it replaces (``pt.mul_(m).add_((1 - m) * ps)``: three kernels and a
 temporary per parameter). Pairs are grouped by (device, teacher dtype, student dtype) and each
-group is updated by two ``_foreach`` calls: ``e *= m``, then ``e += (1 - m) * t`` (fused across
-tensors on CUDA; no temporaries). On the CPU a group runs in pieces of at most ``_CPU_BATCH``
-elements, so the second pass finds the teacher still in cache. Operands that need a cast go
-through float32 workspaces (see :func:`_ema_group_`); a half-precision teacher is rounded back
-once.
+group is updated by two ``_foreach`` calls, ``e *= m`` then ``e += (1 - m) * t`` (each fused across
+tensors on CUDA). On the CPU a group runs in pieces of at most ``_CPU_BATCH``
+elements, so the second pass finds the teacher still in cache. A half-precision teacher is
+updated in a float32 workspace and rounded back once.
 
 ``torch._foreach_lerp_`` would be one pass instead of two, but its ``e + w (t - e)`` form turns
 an infinite teacher or student into NaN where ``m e + (1 - m) t`` stays infinite.
@@ -79,31 +78,29 @@ def _ema_group_(es: List[torch.Tensor], ts: List[torch.Tensor], momentum: Union[
                 acc: torch.dtype) -> None:
     """:func:`_mul_add_` in ``acc`` for one (device, teacher dtype, student dtype) group.
 
-    A teacher not in ``acc`` is updated in an ``acc`` workspace and copied back. On the CPU, so
-    is a student not in ``acc`` cast into one: given a mixed-dtype operand, the CPU kernels cast
-    it into a fresh buffer per tensor, whose pages fault in anew every step (CUDA casts on the
-    fly). The CPU also runs in cache-sized pieces, and the workspaces are reused across them.
+    A teacher not in ``acc`` is updated in an ``acc`` workspace and copied back. On the CPU the
+    group runs in pieces of at most ``_CPU_BATCH`` elements: the teacher stays in cache between
+    the two passes, the workspace is reused across pieces, and so is the buffer into which the
+    CPU kernels cast a student of another dtype (a fresh one per whole ViT-B matrix, 9 MiB,
+    faulted its pages in anew every step).
     """
     cpu = es[0].device.type == "cpu"
     if cpu:
         es, ts = _cpu_pieces(es, ts, _CPU_BATCH)
     batches = list(_batches(es, _CPU_BATCH if cpu else sum(e.numel() for e in es)))
-    size = max(sum(e.numel() for e in es[a:b]) for a, b in batches)
-    work_e = torch.empty(size, dtype=acc, device=es[0].device) if es[0].dtype != acc else None
-    work_t = torch.empty(size, dtype=acc, device=es[0].device) if cpu and ts[0].dtype != acc else None
+    work = None
+    if es[0].dtype != acc:
+        work = torch.empty(max(sum(e.numel() for e in es[a:b]) for a, b in batches), dtype=acc,
+                           device=es[0].device)
     for a, b in batches:
         batch_e, batch_t = es[a:b], ts[a:b]
-        if work_t is not None:
-            views_t = _views(work_t, batch_t)
-            torch._foreach_copy_(views_t, batch_t)
-            batch_t = views_t
-        if work_e is None:
+        if work is None:
             _mul_add_(batch_e, batch_t, momentum)
             continue
-        views_e = _views(work_e, batch_e)
-        torch._foreach_copy_(views_e, batch_e)
-        _mul_add_(views_e, batch_t, momentum)
-        torch._foreach_copy_(batch_e, views_e)  # the one rounding to the teacher's dtype
+        views = _views(work, batch_e)
+        torch._foreach_copy_(views, batch_e)
+        _mul_add_(views, batch_t, momentum)
+        torch._foreach_copy_(batch_e, views)  # the one rounding to the teacher's dtype
 
 
 def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
