@@ -43,8 +43,37 @@ def _interpreter_runtime_bounds_fix():
     interp._patch_lang_tensor = patched
 
 
+def _interpreter_bf16_rounding_fix():
+    """Round float32 -> bfloat16 casts to nearest-even in the Triton interpreter, as compiled code
+    does.
+
+    The interpreter (3.6 to 3.8) casts with ``.to(tl.bfloat16)`` by cutting the mantissa bits
+    (round toward zero), so an interpreted kernel's bf16 outputs were up to one ulp off what the
+    same kernel gives on a GPU (an EMA with momentum 0 did not copy the student exactly). This
+    re-patches the cast to go through torch's own rounding. Compiled (GPU) kernels are untouched.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or getattr(original, "_ssl_fast_fixed", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(data.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._ssl_fast_fixed = True
+    builder.cast_impl = cast_impl
+
+
 if INTERPRET and _IMPORT_ERROR is None:
     _interpreter_runtime_bounds_fix()
+    _interpreter_bf16_rounding_fix()
 
 
 def triton_reasons(device: torch.device) -> list:
