@@ -17,6 +17,7 @@ from ssl_fast.nn import DINOLoss
 from ssl_fast.ops.dino_loss import _reasons
 from ssl_fast.reference import dino_loss as reference
 from helpers import assert_matches_reference, backend_params, poison, rel_error
+from official.dino_main import DINOLoss as OfficialDINOLoss
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 ODD_K = [1, 7, 49, 130, 197, 257]  # none a multiple of a block size (16, 32, ... 1024) except 1
@@ -259,42 +260,14 @@ def test_update_center_all_reduces_over_ranks():
 
 # ---------------------------------------------------------------------------- DINOLoss module
 
-class _OfficialDINOLoss(torch.nn.Module):
-    """Plain re-statement of the official class's behaviour (single process), for comparison."""
-
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
-                 nepochs, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        warm = list(np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs))
-        self.schedule = warm + [teacher_temp] * (nepochs - warmup_teacher_temp_epochs)
-
-    def forward(self, student_output, teacher_output, epoch):
-        crops = (student_output / self.student_temp).chunk(self.ncrops)
-        temp = self.schedule[epoch]
-        views = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
-        total, terms = 0, 0
-        for i, q in enumerate(views):
-            for v, x in enumerate(crops):
-                if v != i:
-                    total = total + torch.sum(-q * F.log_softmax(x, dim=-1), dim=-1).mean()
-                    terms += 1
-        total = total / terms
-        with torch.no_grad():
-            batch_center = teacher_output.sum(dim=0, keepdim=True) / len(teacher_output)
-            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        return total
-
-
 @pytest.mark.parametrize("backend", backend_params("dino_loss"))
 def test_dino_loss_module_matches_official_over_epochs(backend):
     out_dim, ncrops, batch = 53, 5, 3
     kwargs = dict(out_dim=out_dim, ncrops=ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07,
                   warmup_teacher_temp_epochs=3, nepochs=6, student_temp=0.1, center_momentum=0.8)
-    ours, official = DINOLoss(**kwargs), _OfficialDINOLoss(**kwargs)
+    ours, official = DINOLoss(**kwargs), OfficialDINOLoss(**kwargs)
     assert list(ours.state_dict()) == ["center"] and ours.center.shape == (1, out_dim)
-    np.testing.assert_allclose(ours.teacher_temp_schedule, official.schedule, rtol=0, atol=0)
+    np.testing.assert_allclose(ours.teacher_temp_schedule, official.teacher_temp_schedule, rtol=0, atol=0)
     g = torch.Generator().manual_seed(0)
     with ssl_fast.use_backend(backend):
         for epoch in range(6):
@@ -439,3 +412,32 @@ def test_reference_forward_stats_are_the_reference_loss_and_logsumexps():
     assert torch.equal(loss, reference.dino_loss(student, teacher, center, *args))
     torch.testing.assert_close(s_lse, torch.logsumexp(student / 0.1, -1), rtol=1e-14, atol=0)
     torch.testing.assert_close(t_lse, torch.logsumexp((teacher - center) / 0.04, -1), rtol=1e-14, atol=0)
+
+
+# ---------------------------------------------------------------------------- the real lightly
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+def test_dino_loss_matches_lightly(backend):
+    """The op against lightly's DINOLoss (the real class): same loss and student gradient, and
+    ``update_center_`` gives lightly's center (lightly keeps it as [1, 1, K])."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    n_global, ncrops, batch, k = 2, 5, 3, 37
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(ncrops * batch, k, generator=g) * 2).double()
+    teacher = (torch.randn(n_global * batch, k, generator=g) * 2).double()
+    theirs = lightly_loss.DINOLoss(output_dim=k, warmup_teacher_temp=0.05, teacher_temp=0.05,
+                                   warmup_teacher_temp_epochs=1, student_temp=0.1, center_momentum=0.8).double()
+    with torch.no_grad():
+        theirs.center.copy_(torch.randn(1, 1, k, generator=g).double())
+    center = theirs.center.reshape(1, k).clone()
+    s_theirs, s_ours = student.clone().requires_grad_(), student.float().requires_grad_()
+    ref = theirs(list(teacher.chunk(n_global)), list(s_theirs.chunk(ncrops)), teacher_temp=0.05)
+    loss = ops.dino_loss(s_ours, teacher.float(), center.float(), ncrops=ncrops, n_global=n_global,
+                         student_temp=0.1, teacher_temp=0.05, backend=backend)
+    ref.backward()
+    loss.backward()
+    assert_matches_reference(loss, ref, what="loss vs lightly")
+    assert_matches_reference(s_ours.grad, s_theirs.grad, what="student gradient vs lightly")
+    center32 = center.float()
+    ops.update_center_(center32, teacher.float(), momentum=0.8)
+    assert_matches_reference(center32, theirs.center.reshape(1, k), fp32_tol=1e-6, what="center vs lightly")

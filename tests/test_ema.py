@@ -119,16 +119,22 @@ def _net():
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
 
 
-def test_update_momentum_is_lightlys_formula():
+def test_update_momentum_matches_lightly():
+    """``ssl_fast.update_momentum`` against lightly's own (the real function): same parameters after
+    the update, buffers left alone as lightly leaves them, a mismatched model refused."""
+    lightly_utils = pytest.importorskip("lightly.models.utils")
     student, teacher = _net(), _net()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    expected = [0.99 * pt + 0.01 * ps for pt, ps in zip(teacher.parameters(), student.parameters())]
+        teacher[1].running_mean.add_(3.0)
+    theirs = copy.deepcopy(teacher)
     running = teacher[1].running_mean.clone()
     ssl_fast.update_momentum(student, teacher, 0.99)
-    for p, e in zip(teacher.parameters(), expected):
-        torch.testing.assert_close(p, e)
+    lightly_utils.update_momentum(student, theirs, 0.99)
+    for (name, p), q in zip(teacher.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(teacher[0].weight, _net()[0].weight), "the update must change the teacher"
     assert torch.equal(teacher[1].running_mean, running), "lightly's update_momentum leaves buffers alone"
     with pytest.raises(ValueError, match="model has"):
         update_momentum(student, torch.nn.Linear(4, 8), 0.9)
