@@ -136,6 +136,12 @@ class SSLMethod(nn.Module):
         """Replace the trainable module used in the forward pass by ``wrap(module)`` (DDP)."""
         raise NotImplementedError
 
+    def unwrap_distributed(self) -> None:
+        """Undo :meth:`wrap_distributed` (the trainer calls it before destroying the process group).
+
+        The default does nothing; a method whose ``wrap_distributed`` keeps the wrapper overrides it.
+        """
+
     def collapse_warnings(self, metrics: Dict[str, float]) -> List[str]:
         """Warnings about the epoch's averaged metrics (for example representation collapse)."""
         return []

@@ -108,8 +108,19 @@ class DINO(SSLMethod):
         self.freeze_last_layer = freeze_last_layer
         self.clip_grad = clip_grad
         self._optim = optim or OptimConfig()
-        self._forward_student: nn.Module = self.student
+        # The module the forward pass calls: the student, or its DDP wrapper. Kept out of the
+        # registered submodules so that state_dict() holds the student once, without the
+        # wrapper's "module." prefix, and loads the same before and after wrap_distributed.
+        object.__setattr__(self, "_forward_student", self.student)
+        self._register_load_state_dict_pre_hook(self._drop_legacy_keys)
         self._teacher_mode()
+
+    @staticmethod
+    def _drop_legacy_keys(state_dict, prefix, *args) -> None:
+        # Checkpoints written before the forward module was unregistered repeat the student's
+        # tensors under "_forward_student." (and "_forward_student.module." under DDP).
+        for k in [k for k in state_dict if k.startswith(prefix + "_forward_student.")]:
+            del state_dict[k]
 
     # ---- construction from the CLI -------------------------------------------------------
     @staticmethod
@@ -199,7 +210,11 @@ class DINO(SSLMethod):
             self.student.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.student.head)
             self.teacher.module.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher.module.head)
             self._teacher_mode()
-        self._forward_student = wrap(self.student)
+        object.__setattr__(self, "_forward_student", wrap(self.student))
+
+    def unwrap_distributed(self) -> None:
+        """Drop the wrapper set by :meth:`wrap_distributed` (the student is used directly again)."""
+        object.__setattr__(self, "_forward_student", self.student)
 
     def training_step(self, batch: Batch, epoch: int, step: int) -> Dict[str, Any]:
         """Multi-crop views, teacher on the 2 global views, student on all, DINO loss.

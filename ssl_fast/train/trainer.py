@@ -9,8 +9,15 @@ One loop serves every registered :class:`~ssl_fast.methods.SSLMethod`. Reproduci
   the parameters of the whole global batch from it and applies its own rows, so W processes
   see exactly the crops one process sees for the same global batch.
 * Model randomness (drop-path, dropout) uses the global torch RNG, whose state, with numpy's and
-  Python's, is saved in every checkpoint. Checkpoints are written at the end of each epoch, so a
-  resumed run repeats an uninterrupted one bit for bit on the CPU.
+  Python's, is saved for every rank in every checkpoint. Checkpoints are written at the end of each
+  epoch, so a resumed run (one process, or torchrun with the same number of processes) repeats an
+  uninterrupted one bit for bit on the CPU.
+
+Checkpoints hold the unwrapped method's state (no DDP ``module.`` prefixes). Nothing non-finite is
+saved: each step folds the loss and the largest gradient magnitude into a flag on the device (no
+host synchronisation), and at the end of an epoch that flag and every tensor of the state to save
+are checked once. The save is verified after writing and keeps the previous checkpoint
+(``checkpoint.prev.pth``), so the checkpoint the stop message names is intact.
 """
 import csv
 import json
@@ -29,7 +36,8 @@ from ssl_fast.data.datasets import ImageSet, load_dataset
 from ssl_fast.methods import Batch, MethodContext, create_method, get_method
 from ssl_fast.models import is_model, list_models
 from ssl_fast.train import distributed as D
-from ssl_fast.train.checkpoint import CHECKPOINT_NAME, resolve_resume, save_atomic
+from ssl_fast.train.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint,
+                                       non_finite_tensors, resolve_resume, save_atomic)
 from ssl_fast.train.knn import knn_accuracy
 from ssl_fast.train.plots import save_attention_png, save_curves_png
 from ssl_fast.train.schedules import cosine_schedule
@@ -107,7 +115,10 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when the loss is NaN or infinite; the last checkpoint is left as it was."""
+    """Raised when the loss, a gradient, or the state to checkpoint is NaN or infinite.
+
+    The checkpoint the message names was verified finite when it was written and is left as it was.
+    """
 
 
 def _seed_of(*ints: int) -> int:
@@ -226,6 +237,8 @@ class Trainer:
         self.start_epoch = 0
         self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None}
         self.resumed_from = None
+        #: (path, epochs done) of the newest checkpoint of this run known to be intact
+        self.good_checkpoint: Optional[Tuple[str, int]] = None
         ckpt = resolve_resume(cfg.resume, cfg.out)
         earlier = os.path.join(cfg.out, CHECKPOINT_NAME)
         if ckpt is None and not cfg.overwrite and os.path.isfile(earlier):
@@ -234,6 +247,8 @@ class Trainer:
                              "to start afresh and replace it")
         if ckpt is not None:
             self._load(ckpt)
+        # device-side record of the first step whose loss or gradients were non-finite (-1: none)
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -246,45 +261,176 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def _rng_state(self) -> Dict[str, Any]:
         st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            st["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
         return st
 
     def _set_rng_state(self, st: Dict[str, Any]) -> None:
         torch.set_rng_state(st["torch"])
         np.random.set_state(st["numpy"])
         random.setstate(st["python"])
-        if "cuda" in st and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda"])
+        if self.device.type == "cuda" and "cuda" in st:
+            cuda = st["cuda"]
+            if isinstance(cuda, (list, tuple)):  # checkpoints that saved every device's state
+                cuda = cuda[min(self.device.index or 0, len(cuda) - 1)]
+            torch.cuda.set_rng_state(cuda.cpu(), self.device)
 
     def checkpoint_path(self) -> str:
+        """Where this run's newest checkpoint is written."""
         return os.path.join(self.cfg.out, CHECKPOINT_NAME)
 
-    def _save(self, epoch: int) -> None:
-        if not self.dist.is_main:
+    def _method_state(self) -> Dict[str, torch.Tensor]:
+        """The method's state without DDP wrappers: ``x.module.y`` becomes ``x.y``."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = [n for n, m in self.method.named_modules(remove_duplicate=False) if isinstance(m, DDP)]
+        state = self.method.state_dict()
+        if not wrapped:
+            return state
+        out = {}
+        for k, v in state.items():
+            for n in wrapped:
+                if k.startswith(n + ".module."):
+                    k = n + "." + k[len(n) + len(".module."):]
+            out.setdefault(k, v)
+        return out
+
+    def _check_finite(self, epoch: int) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank) if a step of this epoch or the state is non-finite."""
+        bad = non_finite_tensors({"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()})
+        flag = torch.tensor([float(self._first_bad_step.item()), float(len(bad))], dtype=torch.float64)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        first, n_bad = int(flag[0]), int(flag[1])
+        if first < 0 and n_bad == 0:
             return
-        save_atomic({"version": CHECKPOINT_VERSION, "epoch": epoch, "config": asdict(self.cfg),
-                     "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "rng": self._rng_state(), "history": self.history,
-                     "world_size": self.dist.world_size}, self.checkpoint_path())
+        where = (f"gradients first non-finite at epoch {first // self.steps_per_epoch + 1}, step "
+                 f"{first % self.steps_per_epoch + 1}/{self.steps_per_epoch}" if first >= 0 else "")
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            where += ("; " if where else "") + f"{len(bad)} non-finite tensors after epoch {epoch + 1} ({shown})"
+        elif n_bad:
+            where += ("; " if where else "") + f"non-finite tensors on another rank after epoch {epoch + 1}"
+        raise NonFiniteLossError(f"non-finite training state: {where}; training stopped and epoch {epoch + 1} "
+                                 f"was not saved; {self._good_text()}. {self._advice()}")
+
+    def _good_text(self) -> str:
+        if self.good_checkpoint is None:
+            return "no checkpoint of this run was written yet"
+        path, done = self.good_checkpoint
+        return f"the last good checkpoint, {path} (epoch {done}), is intact"
+
+    @staticmethod
+    def _advice() -> str:
+        return "Lower --lr, check the data for NaN/inf, or use --amp off."
+
+    def _save(self, epoch: int) -> None:
+        """Write the checkpoint of ``epoch`` (0-based) from rank 0, with every rank's RNG state."""
+        rng = self._rng_state()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            ranks: List[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(ranks, rng)
+        else:
+            ranks = [rng]
+        path = self.checkpoint_path()
+        if self.dist.is_main:
+            def verify(back: Dict[str, Any]) -> None:
+                bad = non_finite_tensors({"method": back["method"], "optimizer": back["optimizer"]})
+                if back.get("epoch") != epoch or bad:
+                    raise CheckpointError(f"the checkpoint written for {path} does not verify "
+                                          f"(epoch {back.get('epoch')}, non-finite: {bad[:3]}); {path} was left as it was")
+
+            save_atomic({"version": CHECKPOINT_VERSION, "epoch": epoch, "config": asdict(self.cfg),
+                         "method": self._method_state(), "optimizer": self.optimizer.state_dict(),
+                         "rng": ranks[0], "rng_per_rank": ranks, "history": self.history,
+                         "world_size": self.dist.world_size}, path, verify=verify,
+                        keep_previous=os.path.join(self.cfg.out, PREVIOUS_NAME))
+        self.good_checkpoint = (path, epoch + 1)
 
     def _load(self, path: str) -> None:
-        ck = torch.load(path, map_location=self.device, weights_only=False)
+        ck = load_checkpoint(path, map_location=self.device)
         old = ck.get("config", {})
         for key in ("method", "arch", "batch_size", "image_size"):
             if old.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
-                                 f"this run has {key}={getattr(self.cfg, key)!r}")
+                flag = "--" + key.replace("_", "-")
+                raise CheckpointError(f"cannot resume from {path}: it was trained with {flag} {old.get(key)!r}, "
+                                      f"this run has {flag} {getattr(self.cfg, key)!r}")
         if old.get("epochs") != self.cfg.epochs or old.get("seed") != self.cfg.seed:
             self.progress.print(f"warning: resuming a run made with epochs={old.get('epochs')}, seed={old.get('seed')}"
                                 f" under epochs={self.cfg.epochs}, seed={self.cfg.seed}: schedules differ")
-        self.method.load_state_dict(ck["method"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self._set_rng_state(ck["rng"])
+        self._load_method_state(path, ck["method"], old.get("options", {}))
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"cannot resume from {path}: its optimizer state does not fit this run's "
+                                  f"parameters ({e})") from None
+        rngs = ck.get("rng_per_rank") or [ck["rng"]]
+        old_world = int(ck.get("world_size", len(rngs)))
+        self._set_rng_state(rngs[self.dist.rank % len(rngs)])
+        if old_world != self.dist.world_size:
+            self.progress.print(
+                f"note: {path} was written by {old_world} process(es), this run has {self.dist.world_size}. The data "
+                f"order and the crops depend only on the global batch ({self.cfg.batch_size}), so they are the same; "
+                "per-process randomness (drop-path), per-process BatchNorm statistics on the CPU and the order of "
+                "floating-point sums differ, so the run continues correctly but not bit for bit as an uninterrupted "
+                f"{old_world}-process run would.")
         self.history = ck["history"]
         self.start_epoch = ck["epoch"] + 1
         self.resumed_from = path
+        self.good_checkpoint = (path, ck["epoch"] + 1)
         self.progress.print(f"resumed from {path} (epoch {ck['epoch'] + 1} done)")
+
+    def _load_method_state(self, path: str, state: Dict[str, torch.Tensor], old_options: Dict[str, Any]) -> None:
+        """Load the method's tensors, or raise one :class:`CheckpointError` naming what differs."""
+        own = self.method.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("_forward_student.")}  # older checkpoints
+        changed = [k for k in sorted(set(old_options) | set(self.cfg.options))
+                   if old_options.get(k) != self.cfg.options.get(k)]
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if not (shapes or missing or unexpected):
+            self.method.load_state_dict(state)
+            return
+
+        def flag(k: str) -> str:
+            return "--" + k.replace("_", "-")
+
+        opts = "; ".join(f"it was trained with {flag(k)} {old_options.get(k)!r}, this run has {flag(k)} "
+                         f"{self.cfg.options.get(k)!r}" for k in changed)
+        if shapes:
+            k = shapes[0]
+            detail = (f"{len(shapes)} tensors have other shapes, e.g. {k}: {tuple(state[k].shape)} in the "
+                      f"checkpoint, {tuple(own[k].shape)} here")
+        else:
+            detail = (f"{len(missing)} tensors missing" + (f" (e.g. {missing[0]})" if missing else "")
+                      + f", {len(unexpected)} unexpected" + (f" (e.g. {unexpected[0]})" if unexpected else ""))
+        raise CheckpointError(f"cannot resume from {path}: " + (opts + " (options that change the model's shape "
+                              "must stay as they were to resume; " + detail + ")" if opts else
+                              "the model differs from the checkpoint's: " + detail))
+
+    def close(self) -> None:
+        """Release the process group cleanly (every rank together); the trainer stays usable alone.
+
+        Waits for every rank, drops the DDP wrapper (it holds the process group) and destroys the
+        group while the interpreter is fully alive. Without this, gloo's threads and the DDP
+        reducer could be torn down during interpreter shutdown, which occasionally aborted a
+        finished torchrun launch with ``terminate called without an active exception``.
+        """
+        if not self.dist.enabled:
+            return
+        import gc
+
+        try:
+            D.barrier()
+        finally:
+            self.method.unwrap_distributed()
+            gc.collect()
+            D.cleanup()
 
     # ---- evaluation ------------------------------------------------------------------------
     def _autocast(self):
@@ -388,14 +534,16 @@ class Trainer:
             loss = out["loss"]
             loss_val = float(D.all_reduce_mean(loss.detach().float()))
             if not math.isfinite(loss_val):
-                last = (f"the last good checkpoint, {self.checkpoint_path()} (epoch {len(self.history['epochs'])}),"
-                        " is intact" if os.path.isfile(self.checkpoint_path()) else "no checkpoint was written yet")
+                first = int(self._first_bad_step.item())
+                grads = (f" (gradients first non-finite at epoch {first // steps + 1}, step {first % steps + 1})"
+                         if first >= 0 else "")
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss_val}) at epoch {epoch + 1}, step {step + 1}/{steps}; training stopped; "
-                    f"{last}. Lower --lr, check the data for NaN/inf, or use --amp off.")
+                    f"non-finite loss ({loss_val}) at epoch {epoch + 1}, step {step + 1}/{steps}{grads}; training "
+                    f"stopped; {self._good_text()}. {self._advice()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             out.update(self.method.before_optimizer_step(epoch, step))
+            self._flag_non_finite_grads(it)
             self.optimizer.step()
             out.update(self.method.after_optimizer_step(epoch, step))
             m = float(out.get("momentum", float("nan")))
@@ -417,6 +565,17 @@ class Trainer:
         res["epoch_time_s"] = dt
         return res
 
+    def _flag_non_finite_grads(self, it: int) -> None:
+        # Largest |gradient| per tensor (inf-norm: no overflow for large finite values); NaN or inf
+        # marks iteration ``it`` in a device tensor, read only at the epoch's end (no sync here).
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm([g.detach() for g in grads], math.inf)
+        finite = torch.isfinite(torch.stack([n.float() for n in norms])).all()
+        self._first_bad_step = torch.where(finite | (self._first_bad_step >= 0), self._first_bad_step,
+                                           torch.full_like(self._first_bad_step, it))
+
     def fit(self) -> Dict[str, Any]:
         """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epochs``); returns the summary."""
         cfg = self.cfg
@@ -434,6 +593,7 @@ class Trainer:
         end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
         for epoch in range(self.start_epoch, end):
             res = self.train_epoch(epoch)
+            self._check_finite(epoch)
             knn = D.broadcast_float(self.knn_eval() if self.dist.is_main else None)
             row = {"epoch": epoch + 1, **{k: round(v, 6) for k, v in res.items()}, "knn_top1": knn,
                    "knn_random_init": base}
