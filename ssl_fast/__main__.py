@@ -4,11 +4,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssl-fast", description="ssl_fast command line")
+    """The ``ssl-fast`` parser; its errors (and the sub-commands') are one line plus a hint, exit 2."""
+    from ssl_fast.train.cli import CLIParser, add_pretrain_parser
+
+    parser = CLIParser(prog="ssl-fast", description="ssl_fast command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the available backends and kernels, and why others are not")
-    from ssl_fast.train.cli import add_pretrain_parser
-
     add_pretrain_parser(sub)
     return parser
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ssl_fast._argtypes import number
 from ssl_fast.data.augment import MultiCrop
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
 from ssl_fast.models import create_model
@@ -62,7 +63,13 @@ def _pair(text) -> tuple:
     parts = str(text).replace(",", " ").split()
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected two numbers 'lo,hi', got {text!r}")
-    return float(parts[0]), float(parts[1])
+    try:
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers 'lo,hi', got {text!r}") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"need 0 < lo <= hi <= 1 (shares of the image area), got {text!r}")
+    return lo, hi
 
 
 @register_method("dino")
@@ -127,22 +134,22 @@ class DINO(SSLMethod):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """DINO's command-line options (defaults None: the data preset or DINO's value applies)."""
         g = parser.add_argument_group("DINO")
-        _add(g, "--out-dim", type=int, help="prototypes K in the head (DINO: 65536)")
-        _add(g, "--head-hidden-dim", type=int, help="head MLP width (DINO: 2048)")
-        _add(g, "--head-bottleneck-dim", type=int, help="head bottleneck width (DINO: 256)")
-        _add(g, "--local-crops", type=int, help="number of local crops (DINO: 8)")
-        _add(g, "--global-crop-size", type=int, help="global crop side in pixels (multiple of the patch size)")
-        _add(g, "--local-crop-size", type=int, help="local crop side in pixels (multiple of the patch size)")
+        _add(g, "--out-dim", type=number(int, 1), help="prototypes K in the head (DINO: 65536)")
+        _add(g, "--head-hidden-dim", type=number(int, 1), help="head MLP width (DINO: 2048)")
+        _add(g, "--head-bottleneck-dim", type=number(int, 1), help="head bottleneck width (DINO: 256)")
+        _add(g, "--local-crops", type=number(int, 0), help="number of local crops (DINO: 8)")
+        _add(g, "--global-crop-size", type=number(int, 1), help="global crop side in pixels (multiple of the patch size)")
+        _add(g, "--local-crop-size", type=number(int, 1), help="local crop side in pixels (multiple of the patch size)")
         _add(g, "--global-crops-scale", type=_pair, help="area range of global crops, e.g. 0.4,1")
         _add(g, "--local-crops-scale", type=_pair, help="area range of local crops, e.g. 0.05,0.4")
-        _add(g, "--flip-p", type=float, help="horizontal-flip probability")
-        _add(g, "--momentum-teacher", type=float, help="base teacher momentum (DINO: 0.996)")
-        _add(g, "--teacher-temp", type=float, help="teacher temperature after warm-up (DINO: 0.04)")
-        _add(g, "--warmup-teacher-temp", type=float, help="initial teacher temperature (DINO: 0.04)")
-        _add(g, "--warmup-teacher-temp-epochs", type=int, help="teacher-temperature warm-up epochs")
-        _add(g, "--freeze-last-layer", type=int, help="epochs with the head's last layer frozen (DINO: 1)")
-        _add(g, "--clip-grad", type=float, help="per-parameter gradient-norm clip, 0 = off (DINO: 3.0)")
-        _add(g, "--drop-path", type=float, help="stochastic-depth rate of the backbone (DINO ViT-S: 0.1)")
+        _add(g, "--flip-p", type=number(float, 0, 1), help="horizontal-flip probability")
+        _add(g, "--momentum-teacher", type=number(float, 0, 1), help="base teacher momentum (DINO: 0.996)")
+        _add(g, "--teacher-temp", type=number(float, 0, lo_open=True), help="teacher temperature after warm-up (DINO: 0.04)")
+        _add(g, "--warmup-teacher-temp", type=number(float, 0, lo_open=True), help="initial teacher temperature (DINO: 0.04)")
+        _add(g, "--warmup-teacher-temp-epochs", type=number(int, 0), help="teacher-temperature warm-up epochs")
+        _add(g, "--freeze-last-layer", type=number(int, 0), help="epochs with the head's last layer frozen (DINO: 1)")
+        _add(g, "--clip-grad", type=number(float, 0), help="per-parameter gradient-norm clip, 0 = off (DINO: 3.0)")
+        _add(g, "--drop-path", type=number(float, 0, 1, hi_open=True), help="stochastic-depth rate of the backbone (DINO ViT-S: 0.1)")
         _add(g, "--norm-last-layer", type=int, choices=(0, 1), help="unit-norm prototypes (1) or learnt norms (0)")
         _add(g, "--head-bn", type=int, choices=(0, 1), help="BatchNorm in the head's MLP (DINO's use_bn_in_head)")
 
