@@ -239,6 +239,8 @@ class Trainer:
         self.resumed_from = None
         #: (path, epochs done) of the newest checkpoint of this run known to be intact
         self.good_checkpoint: Optional[Tuple[str, int]] = None
+        #: (path, epochs done) of the checkpoint kept before it, once this run has saved twice
+        self.previous_good: Optional[Tuple[str, int]] = None
         ckpt = resolve_resume(cfg.resume, cfg.out)
         earlier = os.path.join(cfg.out, CHECKPOINT_NAME)
         if ckpt is None and not cfg.overwrite and os.path.isfile(earlier):
@@ -314,12 +316,22 @@ class Trainer:
         elif n_bad:
             where += ("; " if where else "") + f"non-finite tensors on another rank after epoch {epoch + 1}"
         raise NonFiniteLossError(f"non-finite training state: {where}; training stopped and epoch {epoch + 1} "
-                                 f"was not saved; {self._good_text()}. {self._advice()}")
+                                 f"was not saved; {self._good_text(first)}. {self._advice()}")
 
-    def _good_text(self) -> str:
+    def _good_text(self, first_bad: int = -1) -> str:
+        """Which checkpoint to resume from, given the first iteration with a non-finite loss or gradients."""
         if self.good_checkpoint is None:
             return "no checkpoint of this run was written yet"
         path, done = self.good_checkpoint
+        if first_bad >= 0 and first_bad == done * self.steps_per_epoch:
+            # the very first step from that state already went non-finite: its numbers are
+            # finite, but resuming from it fails the same way at once
+            told = (f"{path} (epoch {done}) holds only finite numbers, but the first step from it already gave "
+                    "a non-finite loss or gradients, so resuming from it stops again at once; ")
+            if self.previous_good is None:
+                return told + "no earlier checkpoint of this run is kept"
+            prev, pdone = self.previous_good
+            return told + f"the last good checkpoint, {prev} (epoch {pdone}), is intact: resume with --resume {prev}"
         return f"the last good checkpoint, {path} (epoch {done}), is intact"
 
     @staticmethod
@@ -337,6 +349,7 @@ class Trainer:
         else:
             ranks = [rng]
         path = self.checkpoint_path()
+        previous = os.path.join(self.cfg.out, PREVIOUS_NAME)
         if self.dist.is_main:
             def verify(back: Dict[str, Any]) -> None:
                 bad = non_finite_tensors({"method": back["method"], "optimizer": back["optimizer"]})
@@ -348,7 +361,9 @@ class Trainer:
                          "method": self._method_state(), "optimizer": self.optimizer.state_dict(),
                          "rng": ranks[0], "rng_per_rank": ranks, "history": self.history,
                          "world_size": self.dist.world_size}, path, verify=verify,
-                        keep_previous=os.path.join(self.cfg.out, PREVIOUS_NAME))
+                        keep_previous=previous)
+        if self.good_checkpoint is not None and self.good_checkpoint[0] == path:
+            self.previous_good = (previous, self.good_checkpoint[1])
         self.good_checkpoint = (path, epoch + 1)
 
     def _load(self, path: str) -> None:
@@ -539,7 +554,7 @@ class Trainer:
                          if first >= 0 else "")
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss_val}) at epoch {epoch + 1}, step {step + 1}/{steps}{grads}; training "
-                    f"stopped; {self._good_text()}. {self._advice()}")
+                    f"stopped; {self._good_text(first if first >= 0 else it)}. {self._advice()}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             out.update(self.method.before_optimizer_step(epoch, step))
