@@ -263,9 +263,11 @@ def test_reference_tensor_momentum_is_never_read_on_the_host():
         def __init__(self):
             super().__init__()
             self.seen = set()
+            self.reads = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.seen.add(str(func.overloadpacket))
+            self.reads += str(func.overloadpacket) == "aten._local_scalar_dense"
             return func(*args, **(kwargs or {}))
 
     ema = [torch.randn(5, 3), torch.randn(70).bfloat16(), torch.randn(4, dtype=torch.float64)]
@@ -280,7 +282,12 @@ def test_reference_tensor_momentum_is_never_read_on_the_host():
         with mode:
             m = torch.tensor(0.75)
             run(m)
-        assert "aten._local_scalar_dense" not in mode.seen, sorted(mode.seen)
+        if expect == "ssl_fast.ema_":
+            # the public op reads a momentum on the CPU once, on purpose, for its range check
+            # (free there; a CUDA momentum is not read: test_..._does_not_synchronise_on_cuda)
+            assert mode.reads <= 1, mode.reads
+        else:
+            assert "aten._local_scalar_dense" not in mode.seen, sorted(mode.seen)
         assert expect in mode.seen, sorted(mode.seen)
         for e, b, s in zip(ema, before, src):
             assert_matches_reference(e, _truth(b, s, 0.75), _eager_same_dtype(b, s, 0.75), what="ema")
@@ -300,3 +307,87 @@ def test_reference_tensor_momentum_does_not_synchronise_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     for e, x, s in zip(ema, expected, src):
         assert_matches_reference(e, x, _eager_same_dtype(e, s, 0.5), what="cuda ema")
+
+
+# ---------------------------------------------------------------------------- refused input (issue 11, item 8)
+
+@pytest.mark.parametrize("value", [2.0, -1.0, float("nan"), 1.0000001])
+def test_ema_rejects_a_cpu_momentum_tensor_outside_0_1(value):
+    """A momentum tensor of 2, -1 or NaN used to extrapolate (or poison) the teacher silently."""
+    e, s = torch.randn(5), torch.randn(5)
+    before = e.clone()
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got a tensor holding"):
+        ops.ema_([e], [s], torch.tensor(value))
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got a tensor holding"):
+        ops.ema_([e], [s], torch.tensor(value, dtype=torch.float64))
+    assert torch.equal(e, before)
+    ops.ema_([e], [s], torch.tensor(1.0))  # the ends of the range are accepted
+    ops.ema_([e], [s], torch.tensor(0.0))
+    assert torch.equal(e, s)
+
+
+def test_ema_rejects_a_momentum_tensor_that_is_not_real_floating():
+    e, s = [torch.randn(3)], [torch.randn(3)]
+    with pytest.raises(TypeError, match="momentum tensor must be a real floating tensor.*complex64"):
+        ops.ema_(e, s, torch.tensor(0.5 + 0j))
+    with pytest.raises(TypeError, match="momentum tensor must be a real floating tensor.*int64"):
+        ops.ema_(e, s, torch.tensor(1))
+
+
+@pytest.mark.parametrize("e_dtype,s_dtype", [(torch.complex64, torch.complex64),
+                                             (torch.complex128, torch.float32),
+                                             (torch.int64, torch.complex64)])
+def test_ema_rejects_complex_tensors(e_dtype, s_dtype):
+    """Complex teachers used to be copied from the student, not averaged."""
+    e, s = torch.ones(4, dtype=e_dtype), torch.zeros(4, dtype=s_dtype)
+    with pytest.raises(TypeError, match=r"ema_tensors\[0\] is .* complex tensors are not supported"):
+        ops.ema_([e], [s], 0.5)
+    assert torch.equal(e, torch.ones(4, dtype=e_dtype))
+
+
+def test_ema_refuses_a_float_student_for_an_int_teacher():
+    """An int teacher used to take a truncated copy of a float student."""
+    e, s = torch.zeros(3, dtype=torch.int64), torch.tensor([0.7, 1.9, -2.5])
+    with pytest.raises(TypeError, match=r"ema_tensors\[0\] is torch.int64 but tensors\[0\] is "
+                                        r"torch.float32: a floating student cannot be averaged"):
+        ops.ema_([e], [s], 0.5)
+    assert torch.equal(e, torch.zeros(3, dtype=torch.int64))
+    ops.ema_([e], [torch.tensor([1, 2, 3])], 0.5)  # integer into integer: copied
+    assert e.tolist() == [1, 2, 3]
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, n, dtype=torch.float32):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(n, dtype=dtype))
+
+
+def test_momentum_teacher_refuses_a_buffer_of_another_shape():
+    """A student buffer of shape [1] used to broadcast into the teacher's [3]."""
+    teacher = MomentumTeacher(_Scaled(3), base_momentum=0.5, total_steps=4)
+    other = _Scaled(1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with pytest.raises(ValueError, match=r"student buffer 'scale' has shape \(1,\) but the teacher's "
+                                         r"'scale' has shape \(3,\)"):
+        teacher.update(other)
+    # nothing was written, and the schedule did not advance
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert teacher.momentum == 0.5
+
+
+def test_momentum_teacher_refuses_a_parameter_of_another_shape_by_name():
+    teacher = MomentumTeacher(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"student parameter 'weight' has shape \(4, 3\) but the "
+                                         r"teacher's 'weight' has shape \(3, 3\)"):
+        teacher.update(torch.nn.Linear(3, 4))
+
+
+def test_momentum_teacher_refuses_a_float_buffer_for_an_int_one():
+    teacher = MomentumTeacher(_Scaled(3, torch.int64))
+    with pytest.raises(TypeError, match=r"student buffer 'scale' is torch.float32 but the teacher's "
+                                        r"'scale' is torch.int64"):
+        teacher.update(_Scaled(3, torch.float32))
+    with pytest.raises(TypeError, match="student must be an nn.Module"):
+        teacher.update([torch.zeros(3)])

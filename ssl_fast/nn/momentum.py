@@ -79,21 +79,53 @@ class MomentumTeacher(nn.Module):
     def update(self, student: nn.Module = None) -> float:
         """One EMA step towards ``student`` (default: the one given at construction).
 
+        Parameters: ``p_teacher <- m * p_teacher + (1 - m) * p_student`` (:func:`ema_`, with its
+        dtype rules). Buffers: copied, ``b_teacher <- b_student``. Every pair, taken in
+        registration order, must have the same shape (nothing is broadcast); a floating buffer
+        is not copied into an integer one (it would be truncated), nor a complex one anywhere.
+        Everything is checked before anything is written.
+
+        Args:
+            student: the network to follow; default: the one given at construction.
+
         Returns:
             The momentum that was applied.
+
+        Raises:
+            TypeError: ``student`` is not an ``nn.Module``; a buffer pair of dtypes that cannot
+                be copied; a parameter pair :func:`ema_` refuses.
+            ValueError: different numbers of parameters or buffers, or a pair of different
+                shapes (the message names the parameter or buffer).
         """
         student = self._student if student is None else student
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         m = self.momentum
-        t_params = list(self.module.parameters())
-        s_params = list(student.parameters())
+        t_params = list(self.module.named_parameters())
+        s_params = list(student.named_parameters())
         if len(t_params) != len(s_params):
             raise ValueError(f"student has {len(s_params)} parameters but the teacher has {len(t_params)}")
-        ema_(t_params, s_params, m)
-        t_bufs = list(self.module.buffers())
-        s_bufs = list(student.buffers())
+        t_bufs = list(self.module.named_buffers())
+        s_bufs = list(student.named_buffers())
         if len(t_bufs) != len(s_bufs):
             raise ValueError(f"student has {len(s_bufs)} buffers but the teacher has {len(t_bufs)}")
-        for tb, sb in zip(t_bufs, s_bufs):
+        for kind, pairs in (("parameter", zip(t_params, s_params)), ("buffer", zip(t_bufs, s_bufs))):
+            for (t_name, tb), (s_name, sb) in pairs:
+                if tb.shape != sb.shape:
+                    raise ValueError(f"student {kind} {s_name!r} has shape {tuple(sb.shape)} but the "
+                                     f"teacher's {t_name!r} has shape {tuple(tb.shape)}; they must "
+                                     "be equal (nothing is broadcast)")
+                if kind == "parameter":
+                    continue  # ema_ checks the dtypes
+                if tb.is_complex() or sb.is_complex():
+                    raise TypeError(f"buffer {s_name!r}: student {sb.dtype}, teacher {tb.dtype}; "
+                                    "complex buffers are not supported")
+                if sb.is_floating_point() and not tb.is_floating_point():
+                    raise TypeError(f"student buffer {s_name!r} is {sb.dtype} but the teacher's "
+                                    f"{t_name!r} is {tb.dtype}: a floating buffer cannot be copied "
+                                    "into an integer one (it would be truncated)")
+        ema_([p for _, p in t_params], [p for _, p in s_params], m)
+        for (_, tb), (_, sb) in zip(t_bufs, s_bufs):
             tb.copy_(sb)
         self._step_host += 1
         self.step.fill_(self._step_host)

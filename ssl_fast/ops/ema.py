@@ -50,20 +50,31 @@ def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
 
     For every pair ``(e, t)``: ``e <- m * e + (1 - m) * t``, computed in float32 (float64 for
     float64 tensors) and rounded once to ``e``'s dtype. Pairs may differ in dtype (a float32
-    teacher and a bf16 student); integer tensors (such as BatchNorm's ``num_batches_tracked``)
-    are copied. No autograd: the teacher is updated outside the graph.
+    teacher and a bf16 student); integer and bool tensors (such as BatchNorm's
+    ``num_batches_tracked``) are copied from an integer or bool student. No autograd: the
+    teacher is updated outside the graph.
 
     Args:
-        ema_tensors: tensors updated in place, for example a teacher's parameters.
-        tensors: tensors of the same shapes, for example the student's parameters.
-        momentum: ``m`` in [0, 1], a Python float or a 0-d floating tensor (may live on the
-            device, so a scheduled momentum needs no host synchronisation).
+        ema_tensors: tensors updated in place, for example a teacher's parameters; each of
+            shape ``S_i``, float32/float16/bfloat16/float64, or integer/bool (copied).
+        tensors: tensors of the same shapes ``S_i`` (no broadcasting), for example the
+            student's parameters; floating where the teacher is floating, integer or bool where
+            it is integer or bool.
+        momentum: ``m`` in [0, 1], a Python float or a 0-d real floating tensor. A tensor on the
+            CPU is checked on the host (NaN or a value outside [0, 1] raises; not inside a
+            graph traced by ``torch.compile``, where the value is unknown). A tensor on an
+            accelerator is **not** checked, since reading it would synchronise the host with the
+            device; a scheduled momentum kept there needs no synchronisation, and the caller
+            keeps it in [0, 1] (a value outside extrapolates, NaN makes the teacher NaN).
         backend: force ``"triton"``, ``"cpp"`` or ``"reference"``; default: the global choice.
 
     Raises:
-        TypeError: an argument of the wrong type or dtype.
-        ValueError: lists of different lengths, a shape mismatch, mixed devices, momentum
-            outside [0, 1].
+        TypeError: an argument of the wrong type or dtype: a complex tensor, a floating student
+            for an integer teacher (it would be truncated), an integer student for a floating
+            teacher, a momentum tensor that is not real floating.
+        ValueError: lists of different lengths, a shape mismatch, mixed devices, a momentum
+            outside [0, 1] or NaN (a Python float, or a tensor on the CPU), a momentum tensor
+            that is not 0-d.
     """
     for name, seq in (("ema_tensors", ema_tensors), ("tensors", tensors)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
@@ -74,9 +85,19 @@ def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
         return
     momentum_tensor = None
     if isinstance(momentum, torch.Tensor):
-        if momentum.dim() != 0 or not momentum.is_floating_point():
+        if not momentum.is_floating_point():
+            raise TypeError(f"momentum tensor must be a real floating tensor (float32/float64/"
+                            f"float16/bfloat16), got dtype {momentum.dtype}")
+        if momentum.dim() != 0:
             raise ValueError(f"momentum tensor must be a 0-d floating tensor, got shape "
                              f"{tuple(momentum.shape)} and dtype {momentum.dtype}")
+        # on the host reading it costs no synchronisation (not while torch.compile traces: the
+        # value is not known then)
+        if momentum.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = float(momentum)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"momentum must be in [0, 1], got a tensor holding {value}")
+        # a device tensor is not read: that would synchronise (see the docstring)
         momentum_tensor, momentum = momentum, 0.0
     elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"momentum must be a float or a 0-d tensor, got {type(momentum).__name__}")
@@ -94,6 +115,14 @@ def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
         if e.device != device or t.device != device:
             raise ValueError(f"ema_tensors[{i}] is on {e.device} and tensors[{i}] on {t.device}, "
                              f"but ema_tensors[0] is on {device}; all tensors must be on one device")
+        if e.is_complex() or t.is_complex():
+            raise TypeError(f"ema_tensors[{i}] is {e.dtype} and tensors[{i}] is {t.dtype}, but "
+                            "complex tensors are not supported: both must be float32, float16, "
+                            "bfloat16 or float64 (or integer/bool, which are copied)")
+        if not e.is_floating_point() and t.is_floating_point():
+            raise TypeError(f"ema_tensors[{i}] is {e.dtype} but tensors[{i}] is {t.dtype}: a "
+                            "floating student cannot be averaged into an integer teacher (it "
+                            "would be truncated); make the teacher floating or the student integer")
         if e.is_floating_point() and (e.dtype not in _FLOATS or t.dtype not in _FLOATS):
             raise TypeError(f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({t.dtype}) must both "
                             "be float32, float16, bfloat16 or float64")
