@@ -102,6 +102,9 @@ class CvT(nn.Module):
         mlp_ratio: MLP hidden width over the token width.
         drop_rate, attn_drop_rate: dropout.
         drop_path_rates: stochastic-depth rate reached at the last block of each stage.
+        drop_path_rate: one stochastic-depth rate, the keyword every registered backbone takes
+            (the trainer passes ``--drop-path`` as it): when given it replaces ``drop_path_rates``
+            by ``(0, ..., 0, drop_path_rate)``, the shape of the official recipe (0, 0, 0.1).
         cls_token: class token in the last stage (its feature is the output); without it the
             feature is the mean of the last stage's normed tokens.
     """
@@ -111,9 +114,14 @@ class CvT(nn.Module):
                  patch_sizes: Sequence[int] = (7, 3, 3), patch_strides: Sequence[int] = (4, 2, 2),
                  patch_paddings: Sequence[int] = (2, 1, 1), mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rates: Sequence[float] = (0.0, 0.0, 0.1), cls_token: bool = True):
+                 drop_path_rates: Sequence[float] = (0.0, 0.0, 0.1), cls_token: bool = True,
+                 drop_path_rate: Optional[float] = None):
         super().__init__()
         n = len(embed_dims)
+        if drop_path_rate is not None:
+            if not 0.0 <= float(drop_path_rate) < 1.0:
+                raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+            drop_path_rates = (0.0,) * (n - 1) + (float(drop_path_rate),)
         for name, seq in (("depths", depths), ("num_heads", num_heads), ("patch_sizes", patch_sizes),
                           ("patch_strides", patch_strides), ("patch_paddings", patch_paddings),
                           ("drop_path_rates", drop_path_rates)):
@@ -135,7 +143,6 @@ class CvT(nn.Module):
         self.norm = nn.LayerNorm(self.embed_dim)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
-
 
     def forward_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Last stage's map ``[B, D, H/16, W/16]`` and class token ``[B, 1, D]`` (or None)."""
@@ -164,11 +171,18 @@ _CONFIGS = {
 
 @register_model("cvt_13")
 def cvt_13(**kwargs) -> CvT:
-    """CvT-13 (20M parameters with the 1000-class head): depths 1/2/10, dims 64/192/384, heads 1/3/6."""
-    return CvT(**{**_CONFIGS["cvt_13"], **kwargs})
+    """CvT-13: depths 1/2/10, dims 64/192/384, heads 1/3/6 (20M parameters with a 1000-class head).
+
+    Like every registered model it is a backbone by default (``num_classes=0``: ``forward`` gives
+    the ``[B, 384]`` feature); pass ``num_classes=1000`` for the ImageNet classifier.
+    """
+    return CvT(**{**_CONFIGS["cvt_13"], "num_classes": 0, **kwargs})
 
 
 @register_model("cvt_21")
 def cvt_21(**kwargs) -> CvT:
-    """CvT-21 (32M parameters with the 1000-class head): depths 1/4/16, dims 64/192/384, heads 1/3/6."""
-    return CvT(**{**_CONFIGS["cvt_21"], **kwargs})
+    """CvT-21: depths 1/4/16, dims 64/192/384, heads 1/3/6 (32M parameters with a 1000-class head).
+
+    A backbone by default (``num_classes=0``), like :func:`cvt_13`.
+    """
+    return CvT(**{**_CONFIGS["cvt_21"], "num_classes": 0, **kwargs})
