@@ -85,3 +85,71 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ck = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=False)
     assert ck["world_size"] == 2 and ck["epoch"] == 1
     assert ddp["knn"] == pytest.approx(single.history["epochs"][-1]["knn_top1"], abs=100 / 20 + 1e-9)
+
+
+_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrun_resume_driver.py")
+
+
+def _torchrun(*args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", _DRIVER, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_kill_and_resume_equals_an_uninterrupted_two_process_run(tmp_path):
+    """Issue 11, failure 1: a run started with torchrun could never be resumed (``module.`` keys).
+
+    Two gloo processes under torchrun are killed (SIGKILL) in the middle of epoch 2, resumed with
+    ``--resume auto`` under torchrun, and end bit for bit where an uninterrupted 2-process run ends:
+    the same losses, method state (student, teacher, center, BatchNorm statistics) and optimizer state.
+    """
+    full = _torchrun(str(tmp_path / "full"), str(tmp_path / "full.pt"))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    killed = _torchrun(str(tmp_path / "part"), str(tmp_path / "none.pt"), "--kill", "1", "1")
+    assert killed.returncode != 0 and not (tmp_path / "none.pt").exists()
+    ck = torch.load(tmp_path / "part" / "checkpoint.pth", weights_only=False)
+    assert ck["epoch"] == 0 and ck["world_size"] == 2 and len(ck["rng_per_rank"]) == 2
+    assert not [k for k in ck["method"] if k.startswith(("student.module.", "_forward_student"))]
+    resumed = _torchrun(str(tmp_path / "part"), str(tmp_path / "resumed.pt"), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    for run in (full, resumed):
+        assert "terminate called" not in run.stdout + run.stderr
+    a, b = torch.load(tmp_path / "full.pt", weights_only=False), torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert b["start_epoch"] == 1 and a["world_size"] == b["world_size"] == 2
+    assert a["steps"] == b["steps"]
+    assert a["method"].keys() == b["method"].keys()
+    for k in a["method"]:
+        assert torch.equal(a["method"][k], b["method"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_and_says_what_differs(tmp_path, capsys):
+    """A different world size: allowed (same global batch, same data order and crops), with a note."""
+    import shutil
+
+    src = tmp_path / "two"
+    src.mkdir()
+    cfg = _cfg(str(src))
+    single = Trainer(TrainConfig(**{**cfg.__dict__, "stop_after_epochs": 1}), data=_data())
+    single.fit()
+    ck = torch.load(src / "checkpoint.pth", weights_only=False)
+    ck["world_size"] = 2
+    ck["rng_per_rank"] = [ck["rng"], ck["rng"]]
+    torch.save(ck, src / "checkpoint.pth")
+    capsys.readouterr()
+    tr = Trainer(TrainConfig(**{**cfg.__dict__, "resume": "auto"}), data=_data())
+    assert tr.start_epoch == 1
+    note = capsys.readouterr().out
+    assert "was written by 2 process(es), this run has 1" in note and "not bit for bit" in note
+    tr.fit()
+    shutil.rmtree(src)
