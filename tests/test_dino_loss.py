@@ -348,6 +348,21 @@ def _backend_has_triton_here():
     return not _reasons("triton", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("t_rows", [9, 7, 1])
+def test_dino_loss_module_says_which_rows_do_not_match(t_rows):
+    """Teacher rows that fit no n_global (issue 11, item 9): the message used to be about an
+    n_global the caller never passed ("n_global must be 1 or 2 ..., got 3" for 3 x B rows)."""
+    module = DINOLoss(8, 4, 0.04, 0.07, 2, 5)
+    student, teacher = torch.randn(4 * 3, 8), torch.randn(t_rows, 8)
+    with pytest.raises(ValueError, match=rf"teacher_output has {t_rows} rows, but student_output has 12 "
+                                         r"rows = ncrops \(4\) x B \(3\), so teacher_output needs "
+                                         r"n_global x B rows for n_global = 1 or 2 global views: "
+                                         r"3 \(1 x B\) or 6 \(2 x B\)"):
+        module(student, teacher, 0)
+    assert torch.equal(module.center, torch.zeros(1, 8))  # nothing was updated
+    assert module(student, teacher[:6] if t_rows >= 6 else torch.randn(3, 8), 0).isfinite()
+
+
 def test_dino_loss_module_rejects_an_epoch_outside_the_schedule():
     from ssl_fast.nn import DINOLoss
 
@@ -362,6 +377,19 @@ def test_dino_loss_module_rejects_an_epoch_outside_the_schedule():
 
 # ---------------------------------------------------------------------------- reference at large logits
 
+def _tied_huge(dtype, n_global, ncrops=5, batch=3, k=41):
+    """Logits of order 1e9; every student row ties columns 5 and 9 at its maximum, the teacher
+    is one-hot on column 5 (at tau_t = 0.04): every pair's cross-entropy is exactly log 2."""
+    g = torch.Generator().manual_seed(12)
+    student = torch.randn(ncrops * batch, k, generator=g) * 1e9
+    top = student.amax(-1) + 1e9
+    student[:, 5], student[:, 9] = top, top
+    teacher = torch.randn(n_global * batch, k, generator=g) * 1e9
+    teacher[:, 5] = teacher.amax(-1) + 1e9
+    center = torch.randn(1, k, generator=g)
+    return student.to(dtype), teacher.to(dtype), center
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_global", [1, 2])
 def test_reference_exact_at_huge_logits(dtype, n_global):
@@ -372,15 +400,8 @@ def test_reference_exact_at_huge_logits(dtype, n_global):
     a softmax taken as exp(z - lse) from a float32 lse (which cannot hold z_max + log 2) would
     give them 1. The reference function and the reference backend must stay finite and exact.
     """
-    ncrops, batch, k = 5, 3, 41
-    g = torch.Generator().manual_seed(12)
-    student = torch.randn(ncrops * batch, k, generator=g) * 1e9
-    top = student.amax(-1) + 1e9
-    student[:, 5], student[:, 9] = top, top
-    teacher = torch.randn(n_global * batch, k, generator=g) * 1e9
-    teacher[:, 5] = teacher.amax(-1) + 1e9
-    student, teacher = student.to(dtype), teacher.to(dtype)
-    center = torch.randn(1, k, generator=g)
+    ncrops, k = 5, 41
+    student, teacher, center = _tied_huge(dtype, n_global)
     args = (ncrops, n_global, 1e-3, 0.04)
 
     loss64, grad64 = _truth(student, teacher, center, *args)
@@ -402,6 +423,55 @@ def test_reference_exact_at_huge_logits(dtype, n_global):
             assert_matches_reference(gr, grad64, fp32_tol=1e-6, what=f"{what} gradient")
         else:
             assert rel_error(gr, grad64) <= 2 * torch.finfo(dtype).eps, f"{what} gradient"
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_global", [1, 2])
+def test_every_backend_exact_at_huge_tied_logits(backend, dtype, n_global):
+    """The inputs of :func:`test_reference_exact_at_huge_logits` on every backend (issue 11,
+    item 6): the cpp kernel's ``lse - <t, x>`` returned inf and NaN there, and a backward
+    taking ``exp(z - lse)`` gives both tied maxima probability 1."""
+    ncrops = 5
+    student, teacher, center = _tied_huge(dtype, n_global)
+    args = (ncrops, n_global, 1e-3, 0.04)
+    loss64, grad64 = _truth(student, teacher, center, *args)
+    s = student.clone().requires_grad_()
+    with poisoned_empty():
+        loss = ops.dino_loss(s, teacher, center, ncrops=ncrops, n_global=n_global, student_temp=1e-3,
+                             teacher_temp=0.04, backend=backend)
+        (grad,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_matches_reference(loss, loss64, fp32_tol=1e-6, what="loss")
+    if dtype == torch.float32:
+        assert_matches_reference(grad, grad64, fp32_tol=1e-6, what="gradient")
+    else:
+        assert rel_error(grad, grad64) <= 2 * torch.finfo(dtype).eps, "gradient"
+
+
+@pytest.mark.parametrize("backend", backend_params("dino_loss"))
+@given(log_scale=st.integers(-3, 9), student_temp=st.sampled_from([0.1, 1e-2, 1e-4]),
+       teacher_temp=st.sampled_from([0.04, 1.0]), n_global=st.integers(1, 2),
+       k=st.sampled_from([1, 7, 49, 130]), float64=st.booleans(), seed=st.integers(0, 2**16))
+def test_exact_at_every_logit_scale(backend, log_scale, student_temp, teacher_temp, n_global, k, float64, seed):
+    """Logits of scale 1e-3 to 1e9, down to student_temp 1e-4 (issue 11, item 6): float32 within
+    1e-5 of the float64 truth, float64 (cpp and reference) within 1e-12. Before the fix the cpp
+    kernel's error was 4e-3 at 1e4, 0.96 at 1e6, inf at 1e8 and NaN at 1e9."""
+    dtype = torch.float64 if float64 and backend != "triton" else torch.float32
+    ncrops, batch = 4, 2
+    student, teacher, center = _make(seed, ncrops, n_global, batch, k, dtype, 10.0 ** log_scale)
+    args = (ncrops, n_global, student_temp, teacher_temp)
+    loss64, grad64 = _truth(student, teacher, center, *args)
+    assert torch.isfinite(loss64) and torch.isfinite(grad64).all()
+    s = student.clone().requires_grad_()
+    with poisoned_empty():
+        loss = ops.dino_loss(s, teacher, center, ncrops=ncrops, n_global=n_global,
+                             student_temp=student_temp, teacher_temp=teacher_temp, backend=backend)
+        (grad,) = torch.autograd.grad(loss, s)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_matches_reference(loss, loss64, fp32_tol=tol, what=f"loss at scale 1e{log_scale}")
+    assert_matches_reference(grad, grad64, fp32_tol=tol, what=f"gradient at scale 1e{log_scale}")
 
 
 def test_reference_forward_stats_are_the_reference_loss_and_logsumexps():

@@ -2,11 +2,19 @@
 //
 // Work is shared among threads by batch row b: a thread computes the n_global teacher
 // distributions t_i of row b once into a thread-local [n_global, K] buffer (float accumulation),
-// then reads each of the ncrops student rows of b: one pass for the max and the dot products
-// <t_i, x_v> (the row then sits in cache), one for sum exp(x_v - max). The loss term (i, v) is
-// lse(x_v) - <t_i, x_v>. Row sums are added in a fixed order, so results are deterministic.
-// Backward, per row b: rebuild t_i from the saved teacher log-sum-exp, then write
-//   grad_v[k] = g / (B * n_terms * tau_s) * (count_v * exp(x_v[k] - lse_v) - sum_{i != v} t_i[k]).
+// then reads each of the ncrops student rows x_v of b (the row then sits in cache): one pass for
+// m_v = max_k x_v[k], one for S_v = sum_k exp((x_v[k] - m_v) / tau_s), one for the dot products
+// D_iv = sum_k t_i[k] z_v[k] with z_v[k] = (x_v[k] - m_v) / tau_s <= 0. The loss term (i, v) is
+//   -sum_k t_i[k] log s_v[k] = log(S_v) * sum_k t_i[k] - D_iv,
+// a sum of two non-negative numbers: nothing cancels, so the term keeps float32's relative
+// precision at any logit scale (the older lse(x_v) - <t_i, x_v / tau_s> subtracted two numbers
+// of the size of the logits: error 4e-3 at logits 1e4, inf and NaN at 1e8 and 1e9). Logits are
+// shifted by their row maximum before the temperature scales them, so tied maxima stay exactly
+// tied. Row sums are added in a fixed order, so results are deterministic.
+// Backward, per row b: recompute t_i and p_v = softmax(x_v / tau_s) the same way (not as
+// exp(z - lse) from the saved log-sum-exps: a float32 lse ~ 1e12 cannot hold log S_v, and every
+// entry tied at the maximum would get probability 1), then write
+//   grad_v[k] = g / (B * n_terms * tau_s) * (count_v * p_v[k] - sum_{i != v} t_i[k]).
 // Inputs float32/float16/bfloat16/float64 (student and teacher may differ), center float32,
 // rows with any stride (stride(1) == 1). Accumulation in float (double if an input is double).
 #include <ATen/Dispatch.h>
@@ -96,7 +104,8 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// out[j] = exp(x[j] * a - c) for j < k (out may be null, or equal to x); returns the sum.
+// out[j] = exp((x[j] - c) * a) for j < k (out may be null, or equal to x); returns the sum.
+// With c = max_j x[j] and a > 0 every argument is <= 0 (no overflow) and tied maxima give 1.
 // GCC does not reliably vectorise exp_vec, so float runs 8 lanes at a time with AVX2/FMA
 // where the build has them; the lane sums are added in a fixed order (deterministic).
 template <typename Acc>
@@ -108,7 +117,7 @@ Acc exp_affine(const Acc* x, int64_t k, Acc a, Acc c, Acc* out) {
     __m256 acc = _mm256_setzero_ps();
     const __m256 va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c);
     for (; j + 8 <= k; j += 8) {
-      const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), va, vc));
+      const __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vc), va));
       if (out != nullptr) _mm256_storeu_ps(out + j, e);
       acc = _mm256_add_ps(acc, e);
     }
@@ -116,7 +125,7 @@ Acc exp_affine(const Acc* x, int64_t k, Acc a, Acc c, Acc* out) {
   }
 #endif
   for (; j < k; ++j) {
-    const Acc e = exp_vec(x[j] * a - c);
+    const Acc e = exp_vec((x[j] - c) * a);
     if (out != nullptr) out[j] = e;
     sum += e;
   }
@@ -158,29 +167,38 @@ Shape check_inputs(const char* op, const at::Tensor& student, const at::Tensor& 
   return {ncrops, n_global, batch, k};
 }
 
-// t[k] = exp((teacher[k] - center[k]) / tau_t - lse) for one teacher row; returns lse when
-// `lse_in` is NaN (forward: computed here), else uses the given lse (backward).
+// out[k] = t[k] = softmax((teacher - center) / tau_t)[k] for one teacher row, computed as
+// exp((w[k] - max w) / tau_t) / sum with w = teacher - center (ties stay exact). Returns the
+// row's log-sum-exp max(w) / tau_t + log(sum) and writes sum_k t[k] (1 up to rounding) to `mass`.
 template <typename Acc>
 Acc teacher_probs(const Acc* __restrict__ row, const float* __restrict__ center, int64_t k, Acc inv_tau_t,
-                  Acc* __restrict__ out, bool have_lse, Acc lse) {
-  if (!have_lse) {
-    Acc mx = -std::numeric_limits<Acc>::infinity();
+                  Acc* __restrict__ out, Acc* mass) {
+  Acc mx = -std::numeric_limits<Acc>::infinity();
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < k; ++j) {
-      const Acc z = (row[j] - static_cast<Acc>(center[j])) * inv_tau_t;
-      out[j] = z;
-      mx = z > mx ? z : mx;
-    }
-    const Acc sum = exp_affine<Acc>(out, k, Acc(1), mx, out);
-    const Acc inv = Acc(1) / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) out[j] *= inv;
-    return mx + std::log(sum);
+  for (int64_t j = 0; j < k; ++j) {
+    const Acc w = row[j] - static_cast<Acc>(center[j]);
+    out[j] = w;
+    mx = w > mx ? w : mx;
   }
-#pragma omp simd
-  for (int64_t j = 0; j < k; ++j) out[j] = (row[j] - static_cast<Acc>(center[j])) * inv_tau_t;
-  exp_affine<Acc>(out, k, Acc(1), lse, out);
-  return lse;
+  const Acc sum = exp_affine<Acc>(out, k, inv_tau_t, mx, out);
+  const Acc inv = Acc(1) / sum;
+  Acc total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < k; ++j) {
+    out[j] *= inv;
+    total += out[j];
+  }
+  *mass = total;
+  return mx * inv_tau_t + std::log(sum);
+}
+
+// Row maximum of x; NaN entries are skipped here (they make the exp sum, hence the loss, NaN).
+template <typename Acc>
+Acc row_max(const Acc* __restrict__ x, int64_t k) {
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < k; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
 }
 
 template <typename S, typename T, typename Acc>
@@ -195,29 +213,33 @@ void forward_impl(const at::Tensor& student, const at::Tensor& teacher, const at
   const Acc inv_s = Acc(1) / static_cast<Acc>(tau_s), inv_t = Acc(1) / static_cast<Acc>(tau_t);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<Acc> probs(NG * K), wide(K);
+    constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+    constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
     for (int64_t b = b0; b < b1; ++b) {
+      Acc mass[2] = {0, 0};
       for (int64_t i = 0; i < NG; ++i)
         teacher_lse[i * B + b] = teacher_probs<Acc>(widen_row<T, Acc>(tp + (i * B + b) * ts, K, wide.data()),
-                                                    cp, K, inv_t, probs.data() + i * K, false, Acc(0));
+                                                    cp, K, inv_t, probs.data() + i * K, &mass[i]);
       const Acc* t0 = probs.data();
       const Acc* t1 = NG == 2 ? probs.data() + K : probs.data();
       Acc loss_b = 0;
       for (int64_t v = 0; v < NC; ++v) {
         const Acc* x = widen_row<S, Acc>(sp + (v * B + b) * ss, K, wide.data());
-        Acc mx = -std::numeric_limits<Acc>::infinity(), dot0 = 0, dot1 = 0;
-        // a NaN is skipped by the max but makes `sum` (hence lse and the loss) NaN below
-#pragma omp simd reduction(max : mx) reduction(+ : dot0, dot1)
+        const Acc mx = row_max<Acc>(x, K);
+        const Acc log_sum = std::log(exp_affine<Acc>(x, K, inv_s, mx, nullptr));
+        Acc dot0 = 0, dot1 = 0;
+#pragma omp simd reduction(+ : dot0, dot1)
         for (int64_t j = 0; j < K; ++j) {
-          const Acc xv = x[j] * inv_s;
-          mx = xv > mx ? xv : mx;
-          dot0 += t0[j] * xv;
-          dot1 += t1[j] * xv;
+          Acc z = (x[j] - mx) * inv_s;  // <= 0; NaN for NaN or +inf entries
+          // a finite logit whose scaled gap overflows: a huge finite log-probability, so that a
+          // zero teacher probability times it stays 0 (an input of -inf still gives NaN there)
+          z = (z == kNegInf && x[j] != kNegInf) ? kLowest : z;
+          dot0 += t0[j] * z;
+          dot1 += t1[j] * z;
         }
-        const Acc sum = exp_affine<Acc>(x, K, inv_s, mx, nullptr);
-        const Acc lse = mx + std::log(sum);
-        student_lse[v * B + b] = lse;
-        if (v != 0) loss_b += lse - dot0;
-        if (NG == 2 && v != 1) loss_b += lse - dot1;
+        student_lse[v * B + b] = mx * inv_s + log_sum;
+        if (v != 0) loss_b += log_sum * mass[0] - dot0;
+        if (NG == 2 && v != 1) loss_b += log_sum * mass[1] - dot1;
       }
       row_loss[b] = loss_b;
     }
@@ -226,8 +248,7 @@ void forward_impl(const at::Tensor& student, const at::Tensor& teacher, const at
 
 template <typename S, typename T, typename Acc>
 void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                   const at::Tensor& center, const Acc* student_lse, const Acc* teacher_lse,
-                   const Shape& sh, double tau_s, double tau_t, at::Tensor& grad) {
+                   const at::Tensor& center, const Shape& sh, double tau_s, double tau_t, at::Tensor& grad) {
   const S* sp = student.data_ptr<S>();
   const T* tp = teacher.data_ptr<T>();
   const float* cp = center.data_ptr<float>();
@@ -241,9 +262,10 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
     // rows: t_0, t_1 (when NG == 2), t_0 + t_1 (when NG == 2)
     std::vector<Acc> probs((NG == 2 ? 3 : 1) * K), wide(K), out(std::is_same_v<S, Acc> ? 0 : K);
     for (int64_t b = b0; b < b1; ++b) {
+      Acc mass;
       for (int64_t i = 0; i < NG; ++i)
         teacher_probs<Acc>(widen_row<T, Acc>(tp + (i * B + b) * ts, K, wide.data()), cp, K, inv_t,
-                           probs.data() + i * K, true, teacher_lse[i * B + b]);
+                           probs.data() + i * K, &mass);
       if (NG == 2) {
         Acc* both = probs.data() + 2 * K;
 #pragma omp simd
@@ -252,7 +274,6 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
       for (int64_t v = 0; v < NC; ++v) {
         const Acc* x = widen_row<S, Acc>(sp + (v * B + b) * ss, K, wide.data());
         S* g = gp + (v * B + b) * K;
-        const Acc lse = student_lse[v * B + b];
         const Acc count = static_cast<Acc>(NG - (v < NG ? 1 : 0));
         // the teacher views paired with crop v: the other global view, or all of them
         const Acc* others = nullptr;
@@ -265,9 +286,10 @@ void backward_impl(Acc grad_loss, const at::Tensor& student, const at::Tensor& t
         Acc* g_acc;
         if constexpr (std::is_same_v<S, Acc>) g_acc = g;
         else g_acc = out.data();
-        exp_affine<Acc>(x, K, inv_s, lse, g_acc);  // softmax(x_v / tau_s)
+        const Acc inv_sum = Acc(1) / exp_affine<Acc>(x, K, inv_s, row_max<Acc>(x, K), g_acc);
+        const Acc coef_p = coef * count * inv_sum;  // g_acc * inv_sum = softmax(x_v / tau_s)
 #pragma omp simd
-        for (int64_t j = 0; j < K; ++j) g_acc[j] = coef * (count * g_acc[j] - others[j]);
+        for (int64_t j = 0; j < K; ++j) g_acc[j] = coef_p * g_acc[j] - coef * others[j];
         if constexpr (!std::is_same_v<S, Acc>) {
           for (int64_t j = 0; j < K; ++j) g[j] = static_cast<S>(g_acc[j]);
         }
@@ -322,16 +344,15 @@ at::Tensor dino_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& stud
   TORCH_CHECK(student_lse.scalar_type() == acc && teacher_lse.scalar_type() == acc &&
                   student_lse.numel() == student.size(0) && teacher_lse.numel() == teacher.size(0),
               "dino_loss_bwd: student_lse/teacher_lse must be the forward's outputs");
-  auto s_lse = student_lse.contiguous();
-  auto t_lse = teacher_lse.contiguous();
+  // The saved log-sum-exps only fix the accumulation dtype: the backward recomputes both
+  // softmaxes (see the top of this file).
   auto grad = at::empty({student.size(0), student.size(1)}, student.options());
   dispatch_pair(student.scalar_type(), teacher.scalar_type(), [&](auto s, auto t, auto a) {
     using S = decltype(s);
     using T = decltype(t);
     using Acc = decltype(a);
     const Acc g = grad_loss.item<Acc>();
-    backward_impl<S, T, Acc>(g, student, teacher, center, s_lse.data_ptr<Acc>(), t_lse.data_ptr<Acc>(),
-                             sh, student_temp, teacher_temp, grad);
+    backward_impl<S, T, Acc>(g, student, teacher, center, sh, student_temp, teacher_temp, grad);
   });
   return grad;
 }

@@ -59,15 +59,40 @@ class DINOLoss(nn.Module):
         ))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Loss of this batch (teacher temperature of ``epoch``), then the center update."""
+        """Loss of this batch (teacher temperature of ``epoch``), then the center update.
+
+        Args:
+            student_output: ``[ncrops * B, out_dim]`` student logits, crop-major.
+            teacher_output: ``[n_global * B, out_dim]`` teacher logits, ``n_global`` 1 or 2
+                (inferred from the rows).
+            epoch: index into ``teacher_temp_schedule``, ``0 <= epoch < nepochs``.
+
+        Returns:
+            0-d loss (see :func:`ssl_fast.ops.dino_loss`).
+
+        Raises:
+            ValueError: ``epoch`` outside the schedule; teacher rows that are neither ``B`` nor
+                ``2 B`` (the message gives both row counts, ``ncrops`` and ``B``); the shape
+                errors of :func:`ssl_fast.ops.dino_loss`. Nothing is updated then.
+        """
         epoch = check_int("epoch", epoch, low=0)
         if epoch >= len(self.teacher_temp_schedule):
             raise ValueError(f"epoch must be < nepochs ({len(self.teacher_temp_schedule)}), got {epoch}")
         teacher_temp = float(self.teacher_temp_schedule[epoch])
-        batch = student_output.shape[0] // self.ncrops if isinstance(student_output, torch.Tensor) else 0
-        n_global = 2
-        if isinstance(teacher_output, torch.Tensor) and batch > 0 and teacher_output.shape[0] % batch == 0:
-            n_global = teacher_output.shape[0] // batch  # DINO: 2; dino_loss checks the range
+        n_global = 2  # DINO; inferred below from the rows when the shapes allow it
+        if (isinstance(student_output, torch.Tensor) and isinstance(teacher_output, torch.Tensor)
+                and student_output.dim() == 2 and teacher_output.dim() == 2):
+            rows, t_rows = student_output.shape[0], teacher_output.shape[0]
+            if rows > 0 and rows % self.ncrops == 0:  # else dino_loss names the student's rows
+                batch = rows // self.ncrops
+                allowed = [g * batch for g in (1, 2) if g <= self.ncrops]
+                if t_rows not in allowed:
+                    views = " or ".join(f"{g * batch} ({g} x B)" for g in (1, 2) if g <= self.ncrops)
+                    raise ValueError(
+                        f"teacher_output has {t_rows} rows, but student_output has {rows} rows = "
+                        f"ncrops ({self.ncrops}) x B ({batch}), so teacher_output needs n_global x B "
+                        f"rows for n_global = 1 or 2 global views: {views}")
+                n_global = t_rows // batch
         loss = dino_loss(student_output, teacher_output, self.center, ncrops=self.ncrops,
                          n_global=n_global, student_temp=self.student_temp, teacher_temp=teacher_temp)
         self.update_center(teacher_output)

@@ -123,12 +123,17 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
         n_terms = n_global * ncrops - n_global
 
     The gradient flows to ``student_output`` only. The fused backends never build a
-    ``[rows, K]`` softmax: the forward keeps online log-sum-exp statistics and dot products,
-    the backward recomputes ``softmax`` from the saved per-row log-sum-exp.
+    ``[rows, K]`` softmax: the forward keeps online max / exp-sum statistics and dot products
+    with the max-shifted logits (each loss term is ``log S_v - <t_i, x_v - m_v>``, a sum of two
+    non-negative numbers, so nothing cancels at any logit scale); the backward recomputes each
+    row's max and exp-sum and takes ``softmax`` as ``exp(z - m) / S`` (tied maxima at huge
+    logits keep their shares). Every backend stays within float32 (float64) rounding of the
+    float64 reference wherever the reference is finite, from logits of 1e-3 to 1e9.
 
     Args:
         student_output: ``[ncrops * B, K]`` logits, float32/float16/bfloat16 (float64 on the
-            cpp and reference backends); any row stride.
+            cpp and reference backends, computed in float64; ``auto`` never sends float64 to
+            Triton); any row stride.
         teacher_output: ``[n_global * B, K]`` logits of the global views, any float dtype.
         center: ``[1, K]`` float32 center (see :func:`update_center_`).
         ncrops: number of crops in ``student_output`` (>= 2).
