@@ -20,6 +20,9 @@ class _NoTraining:
     def fit(self):
         return {}
 
+    def close(self, *args, **kwargs):
+        pass
+
 
 @pytest.fixture
 def no_training(monkeypatch):
