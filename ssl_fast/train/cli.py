@@ -202,7 +202,7 @@ def run_pretrain(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         print(f"ssl-fast pretrain: error: {e}", file=sys.stderr)
         return 1
     finally:
-        from ssl_fast.train import distributed
-
-        distributed.cleanup()
+        # on success (or a stop every rank makes together) all ranks release the process group
+        # together; an unexpected error on one rank must not wait on the others
+        trainer.close(wait=sys.exc_info()[0] is None)
     return 0

@@ -55,10 +55,12 @@ def broadcast_float(value: float, src: int = 0) -> float:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing when not distributed)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
+    """Destroy the default process group if one exists (safe to call more than once)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

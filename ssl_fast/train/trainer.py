@@ -428,23 +428,29 @@ class Trainer:
                               "must stay as they were to resume; " + detail + ")" if opts else
                               "the model differs from the checkpoint's: " + detail))
 
-    def close(self) -> None:
-        """Release the process group cleanly (every rank together); the trainer stays usable alone.
+    def close(self, wait: bool = True) -> None:
+        """Release the process group; the trainer's method and optimizer stay usable in this process.
 
-        Waits for every rank, drops the DDP wrapper (it holds the process group) and destroys the
-        group while the interpreter is fully alive. Without this, gloo's threads and the DDP
-        reducer could be torn down during interpreter shutdown, which occasionally aborted a
-        finished torchrun launch with ``terminate called without an active exception``.
+        With ``wait`` (every rank finished, or stopped together on a non-finite value) it waits for
+        every rank, drops the DDP wrapper (which holds the process group) and destroys the group
+        while the interpreter is fully alive. Without this, gloo's threads and the DDP reducer
+        could be torn down during interpreter shutdown, which can abort a finished torchrun
+        launch with ``terminate called without an active exception``. Without ``wait`` (this rank
+        failed alone) it only drops the wrapper: a barrier or a destroy could then wait forever
+        for ranks stuck in a collective, while exiting lets torchrun stop them.
+
+        Args:
+            wait: every rank calls ``close`` at this point.
         """
         if not self.dist.enabled:
             return
         import gc
 
-        try:
+        if wait:
             D.barrier()
-        finally:
-            self.method.unwrap_distributed()
-            gc.collect()
+        self.method.unwrap_distributed()
+        gc.collect()
+        if wait:
             D.cleanup()
 
     # ---- evaluation ------------------------------------------------------------------------
