@@ -102,7 +102,8 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="backbone (default: the data preset's); see --list-archs")
     p.add_argument("--epochs", type=number(int, 1), default=None, help="epochs (default: the data preset's)")
     p.add_argument("--batch-size", type=number(int, 1), default=None, help="GLOBAL batch size over all processes")
-    p.add_argument("--lr", type=number(float, 0, lo_open=True), default=None, help="base learning rate per 256 images (scaled by batch/256)")
+    p.add_argument("--lr", type=number(float, 0, lo_open=True), default=None,
+                   help="base learning rate per 256 images (scaled by batch/256)")
     p.add_argument("--min-lr", type=number(float, 0), default=None, help="final learning rate")
     p.add_argument("--warmup-epochs", type=number(float, 0), default=None, help="linear learning-rate warm-up, epochs")
     p.add_argument("--weight-decay", type=number(float, 0), default=None, help="initial weight decay")
