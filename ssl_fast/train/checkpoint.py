@@ -167,9 +167,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu",
         ck = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for bad files
         size = os.path.getsize(path) if os.path.exists(path) else 0
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch's first sentence
         raise CheckpointError(f"cannot resume from {path}: the file ({size} bytes) is not a readable "
-                              f"checkpoint, it is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}){hint}") from None
+                              f"checkpoint, it is truncated or corrupt ({type(e).__name__}: {reason}){hint}") from None
     if not isinstance(ck, dict) or any(k not in ck for k in required):
         missing = [k for k in required if not isinstance(ck, dict) or k not in ck]
         raise CheckpointError(f"cannot resume from {path}: it is not an ssl_fast training checkpoint "
