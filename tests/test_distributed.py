@@ -47,6 +47,7 @@ def _worker(rank, world, port, out, result):
     torch.set_num_threads(1)
     from ssl_fast.train import distributed
 
+    tr = None
     try:
         tr = Trainer(_cfg(out), data=_data())
         assert tr.dist.world_size == world and tr.local_batch == 16 // world
@@ -57,6 +58,9 @@ def _worker(rank, world, port, out, result):
                 json.dump({"steps": tr.history["steps"], "center": center.tolist(),
                            "knn": tr.history["epochs"][-1]["knn_top1"]}, f)
     finally:
+        # the DDP wrapper goes before the process group does (see Trainer.close)
+        if tr is not None:
+            tr.close()
         distributed.cleanup()
 
 

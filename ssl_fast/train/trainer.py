@@ -268,7 +268,7 @@ class Trainer:
         return st
 
     def _set_rng_state(self, st: Dict[str, Any]) -> None:
-        torch.set_rng_state(st["torch"])
+        torch.set_rng_state(st["torch"].cpu())  # torch.load(map_location=cuda) moved it
         np.random.set_state(st["numpy"])
         random.setstate(st["python"])
         if self.device.type == "cuda" and "cuda" in st:
