@@ -12,36 +12,19 @@ import torch
 
 from ssl_fast.__main__ import main as cli_main
 from ssl_fast.data import ImageSet, load_digits
-from ssl_fast.models import register_model
-from ssl_fast.models.vit import VisionTransformer
 from ssl_fast.train import NonFiniteLossError, TrainConfig, Trainer
+from trainer_setup import TINY_OPTS, digits_subset, tiny_config
 from ssl_fast.train.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, non_finite_tensors,
                                        save_atomic)
 
 
-@register_model("_test_vit_ckpt")
-def _test_vit_ckpt(**kw):
-    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    cfg.update(kw)
-    return VisionTransformer(**cfg)
-
-
-OPTS = dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2, global_crop_size=16,
-            local_crop_size=8, drop_path=0.1)
-
-
 @pytest.fixture(scope="module")
 def small_data():
-    tr, te = load_digits(image_size=16)
-    return (ImageSet(tr.images[:32], tr.labels[:32], tr.classes, "train32"),
-            ImageSet(te.images[:20], te.labels[:20], te.classes, "test20"))
+    return digits_subset(32, 20)
 
 
 def _cfg(out, **kw):
-    base = dict(arch="_test_vit_ckpt", epochs=2, batch_size=16, max_steps_per_epoch=1, out=str(out),
-                log_every=1, attention_images=1, knn_k=5, options=dict(OPTS), seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(out, **{**dict(max_steps_per_epoch=1, attention_images=1, knn_k=5), **kw})
 
 
 def _all_finite(ck):
@@ -139,11 +122,11 @@ def test_changing_out_dim_on_resume_names_the_option_and_both_values(tmp_path, s
     Trainer(_cfg(tmp_path, epochs=2, stop_after_epochs=1), data=small_data).fit()
     with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint.pth: it was trained with "
                                               r"--out-dim 64, this run has --out-dim 128"):
-        Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**OPTS, "out_dim": 128}), data=small_data)
+        Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**TINY_OPTS, "out_dim": 128}), data=small_data)
     with pytest.raises(CheckpointError, match=r"--head-hidden-dim 32, this run has --head-hidden-dim 48"):
-        Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**OPTS, "head_hidden_dim": 48}), data=small_data)
+        Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**TINY_OPTS, "head_hidden_dim": 48}), data=small_data)
     # options that change no shape still resume
-    tr = Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**OPTS, "momentum_teacher": 0.9}), data=small_data)
+    tr = Trainer(_cfg(tmp_path, epochs=2, resume="auto", options={**TINY_OPTS, "momentum_teacher": 0.9}), data=small_data)
     assert tr.start_epoch == 1
 
 

@@ -7,36 +7,18 @@ import pytest
 import torch
 
 from ssl_fast.__main__ import main as cli_main
-from ssl_fast.data import ImageSet, load_digits
-from ssl_fast.models import register_model
-from ssl_fast.models.vit import VisionTransformer
-from ssl_fast.train import NonFiniteLossError, TrainConfig, Trainer, knn_accuracy, knn_predict
+from ssl_fast.train import NonFiniteLossError, Trainer, knn_accuracy, knn_predict
+from trainer_setup import digits_subset, tiny_config
 from ssl_fast.train.checkpoint import save_atomic
-
-
-@register_model("_test_vit_trainer")
-def _test_vit_trainer(**kw):
-    cfg = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    cfg.update(kw)
-    return VisionTransformer(**cfg)
-
-
-OPTS = dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2, global_crop_size=16,
-            local_crop_size=8, drop_path=0.1)
 
 
 @pytest.fixture(scope="module")
 def small_data():
-    tr, te = load_digits(image_size=16)
-    return (ImageSet(tr.images[:48], tr.labels[:48], tr.classes, "train48"),
-            ImageSet(te.images[:30], te.labels[:30], te.classes, "test30"))
+    return digits_subset(48, 30)
 
 
 def _cfg(out, **kw):
-    base = dict(arch="_test_vit_trainer", epochs=2, batch_size=16, max_steps_per_epoch=2, out=str(out),
-                log_every=1, attention_images=2, options=dict(OPTS), seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(out, **{**dict(max_steps_per_epoch=2, attention_images=2), **kw})
 
 
 def _state_equal(a, b):
@@ -79,6 +61,11 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, small_data):
         assert (out / name).is_file(), name
     log = json.loads((out / "log.json").read_text())
     assert len(log["epochs"]) == 2 and log["knn_random_init"] is not None
+    # the raw-pixel baseline: the same k-NN on the flattened images, computed independently here
+    tr, te = small_data
+    pixels = knn_accuracy(tr.images.flatten(1), tr.labels, te.images.flatten(1), te.labels,
+                          num_classes=len(tr.classes), k=full.cfg.knn_k, temperature=full.cfg.knn_temperature)
+    assert log["knn_raw_pixels"] == pixels == full.history["summary"]["knn_raw_pixels"]
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 

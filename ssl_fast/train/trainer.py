@@ -235,7 +235,7 @@ class Trainer:
         self.wd_schedule = cosine_schedule(wd0, wd1, cfg.epochs, self.steps_per_epoch)
         self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.base_lr, betas=oc.betas)
         self.start_epoch = 0
-        self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None}
+        self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None, "knn_raw_pixels": None}
         self.resumed_from = None
         #: (path, epochs done) of the newest checkpoint of this run known to be intact
         self.good_checkpoint: Optional[Tuple[str, int]] = None
@@ -466,10 +466,14 @@ class Trainer:
         return torch.cat(out)
 
     @torch.no_grad()
-    def knn_eval(self) -> float:
-        """k-NN top-1 (%) of the teacher's features: held-out set against the training set."""
-        ftr = self._features(self.train_set.images)
-        fte = self._features(self.test_set.images)
+    def knn_eval(self, raw_pixels: bool = False) -> float:
+        """k-NN top-1 (%) of the teacher's features (or, with ``raw_pixels``, of the flattened
+        images themselves, the baseline no learned feature may fall below): held-out set against
+        the training set, same k, temperature and cosine votes either way."""
+        if raw_pixels:
+            ftr, fte = self.train_set.images.flatten(1), self.test_set.images.flatten(1)
+        else:
+            ftr, fte = self._features(self.train_set.images), self._features(self.test_set.images)
         return knn_accuracy(ftr, self.train_set.labels, fte, self.test_set.labels,
                             num_classes=len(self.train_set.classes) or int(self.train_set.labels.max()) + 1,
                             k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
@@ -514,7 +518,7 @@ class Trainer:
             w.writerows(self.history["steps"])
         log = {"config": asdict(self.cfg), "world_size": self.dist.world_size, "device": str(self.device),
                "steps_per_epoch": self.steps_per_epoch, "knn_random_init": self.history["knn_random_init"],
-               "epochs": rows, "summary": self.history.get("summary")}
+               "knn_raw_pixels": self.history.get("knn_raw_pixels"), "epochs": rows, "summary": self.history.get("summary")}
         tmp = os.path.join(out, ".log.json.tmp")
         with open(tmp, "w") as f:
             json.dump(log, f, indent=1)
@@ -610,7 +614,11 @@ class Trainer:
             self.history["knn_random_init"] = D.broadcast_float(base)
             p.print(f"k-NN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) at random init: "
                     f"{self.history['knn_random_init']:.2f}%")
-        base = self.history["knn_random_init"]
+        if self.history.get("knn_raw_pixels") is None:
+            self.history["knn_raw_pixels"] = D.broadcast_float(self.knn_eval(raw_pixels=True)
+                                                               if self.dist.is_main else None)
+            p.print(f"k-NN top-1 on raw pixels (same k-NN): {self.history['knn_raw_pixels']:.2f}%")
+        base, pixels = self.history["knn_random_init"], self.history["knn_raw_pixels"]
         end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
         for epoch in range(self.start_epoch, end):
             res = self.train_epoch(epoch)
@@ -631,7 +639,7 @@ class Trainer:
             D.barrier()
         done = len(self.history["epochs"])
         summary = {"epochs_done": done, "knn_top1": self.history["epochs"][-1]["knn_top1"] if done else None,
-                   "knn_random_init": base, "wall_time_s": time.perf_counter() - t_start,
+                   "knn_random_init": base, "knn_raw_pixels": pixels, "wall_time_s": time.perf_counter() - t_start,
                    "out": cfg.out}
         self.history["summary"] = summary
         if self.dist.is_main:
@@ -644,6 +652,6 @@ class Trainer:
                 gain = summary["knn_top1"] - base
                 p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
                         f"{summary['wall_time_s']:.0f}s | held-out k-NN top-1 {summary['knn_top1']:.2f}% vs "
-                        f"random init {base:.2f}% ({gain:+.2f} points) | outputs in {cfg.out}/ "
+                        f"random init {base:.2f}% ({gain:+.2f} points), raw pixels {pixels:.2f}% | outputs in {cfg.out}/ "
                         f"(log.json, metrics.csv, curves.png, attention.png, {CHECKPOINT_NAME})")
         return summary
