@@ -1,4 +1,5 @@
 """Drop-in modules built on ssl_fast.ops."""
+from ssl_fast.nn.additive_attention import AdditiveAttention
 from ssl_fast.nn.attention import Attention
 from ssl_fast.nn.bot_attention import BoTAttention
 from ssl_fast.nn.conv_attention import ConvAttention, CvtSelfAttention
@@ -10,4 +11,4 @@ from ssl_fast.nn.rel_pos_attention import RelPosAttention
 from ssl_fast.nn.window_attention import WindowAttention
 from ssl_fast.nn.momentum import MomentumTeacher, cosine_momentum, update_momentum
 
-__all__ = ["Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "WindowAttention", "DINOLoss", "HFSwinAttention", "HFViTAttention", "MomentumTeacher", "cosine_momentum", "update_momentum"]
+__all__ = ["AdditiveAttention", "Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "WindowAttention", "DINOLoss", "HFSwinAttention", "HFViTAttention", "MomentumTeacher", "cosine_momentum", "update_momentum"]
