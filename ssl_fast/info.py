@@ -8,13 +8,12 @@ import torch
 
 from ssl_fast import _backend, _ext, _triton
 
-# op name -> (module path, cpp kernel names); the module's _reasons(backend, device) answers.
-OPS = {
-    "attention": ("ssl_fast.ops.attention", ["attention_fwd"]),
-    "conv_qkv_projection": ("ssl_fast.ops.conv_projection", ["conv_qkv_projection_fwd", "conv_qkv_projection_bwd"]),
-    "dino_loss": ("ssl_fast.ops.dino_loss", ["dino_loss_fwd", "dino_loss_bwd"]),
-    "ema_": ("ssl_fast.ops.ema", ["ema_"]),
-}
+
+def ops() -> dict:
+    """Every registered op (``ssl_fast.ops._registry``), by name."""
+    from ssl_fast.ops import _registry
+
+    return _registry.registered()
 
 
 def build_summary() -> str:
@@ -47,8 +46,6 @@ def _devices():
 
 
 def report() -> str:
-    import importlib
-
     lines = [
         f"ssl_fast {__import__('ssl_fast').__version__}",
         f"python {platform.python_version()} on {platform.machine()}, torch {torch.__version__}",
@@ -60,14 +57,17 @@ def report() -> str:
         "",
         "op / device / backend: status",
     ]
-    for op, (module, _) in OPS.items():
-        mod = importlib.import_module(module)
+    for op, spec in ops().items():
         for dev in _devices():
             for b in _backend.BACKENDS:
-                why = list(mod._reasons(b, dev))
+                why = spec.sample_reasons(b, dev)
                 lines.append(f"  {op:<22} {dev.type:<5} {b:<10} " + ("available" if not why else "no: " + "; ".join(why)))
-            auto = _backend.resolve(op, dev, lambda b: mod._reasons(b, dev), "auto")
+            auto = _backend.resolve(op, dev, lambda b: spec.sample_reasons(b, dev), "auto")
             lines.append(f"  {op:<22} {dev.type:<5} {'auto':<10} -> {auto}")
+    lines.append("")
+    lines.append("summary (auto): " + ", ".join(
+        f"{op} " + " ".join(f"{dev.type} -> {_backend.resolve(op, dev, lambda b: spec.sample_reasons(b, dev), 'auto')}"
+                            for dev in _devices()) for op, spec in ops().items()))
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ssl_fast import _backend, ops
 from ssl_fast.kernels import attention as kernel
-from ssl_fast.ops.attention import DecomposedRelPos, RelPosTable
+from ssl_fast.ops.attention import DecomposedRelPos, RelPosTable, _unpack
 from ssl_fast.reference import attention as reference
 from helpers import assert_matches_reference, backend_params, poison, rel_error
 
@@ -106,9 +106,11 @@ def _check(backend, dtype, q, k, v, scale, rel_pos, attn_mask, blocks, rel_pos64
         grads = _grads(out, leaves, dout)
 
     def run_ref(cast, rp):
+        # the truth: autograd through the plain reference (not the reference backend's closed-form
+        # backward, which is itself under test)
         ins = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
         mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(cast)
-        o = ops.attention(*ins, scale=scale, rel_pos=rp, attn_mask=mask, backend="reference")
+        o = reference.attention(*ins, scale=scale, attn_mask=mask, **_unpack(rp))
         return o, _grads(o, ins + _tables(rp), dout.to(cast))
 
     out64, grads64 = run_ref(torch.float64, rel_pos64)
@@ -375,7 +377,7 @@ def _op_args(kind):
         rel_w = _rand(g, (7, 16)).requires_grad_()
         sizes = [0, 0, 3, 4, 3, 4]
         mask = _rand(g, (2, 1, 12, 12))
-    return (q, k, v, table, window_mask, rel_h, rel_w, mask, 0.3, sizes, "triton")
+    return (q, k, v, table, window_mask, rel_h, rel_w, mask, 0.3, sizes, 0.0, None, "triton")
 
 
 @pytest.mark.parametrize("kind", ["table", "decomposed"])
@@ -384,7 +386,7 @@ def test_opcheck(kind):
     torch.library.opcheck(torch.ops.ssl_fast.attention_fwd.default, args)
     fwd_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     out, lse = torch.ops.ssl_fast.attention_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), *fwd_args[:3], out, lse, *fwd_args[3:])
+    bwd_args = (torch.randn_like(out), *fwd_args[:3], out, lse, *fwd_args[3:12], False, fwd_args[12])
     torch.library.opcheck(torch.ops.ssl_fast.attention_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -65,3 +65,7 @@ def test_info_reports_backends():
     out = subprocess.run([sys.executable, "-m", "ssl_fast.info"], capture_output=True, text=True, check=True).stdout
     assert "torch" in out and "ssl_fast._C: " in out
     assert "ema_" in out and "reference  available" in out
+    from ssl_fast.ops import _registry
+
+    for op in _registry.registered():  # every registered op, read from the one registry
+        assert f"  {op} " in out and f"{op} cpu -> " in out

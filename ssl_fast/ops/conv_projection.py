@@ -16,6 +16,7 @@ from ssl_fast import _backend
 from ssl_fast._checks import check_int, check_tensor
 from ssl_fast._ext import cpp_reasons
 from ssl_fast._triton import triton_reasons
+from ssl_fast.ops import _registry
 from ssl_fast.reference import conv_projection as reference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -44,6 +45,13 @@ def _reasons(backend: str, device: torch.device, dtype: Optional[torch.dtype] = 
     if backend == "cpp":
         return cpp_reasons("conv_qkv_projection_fwd", device) + cpp_reasons("conv_qkv_projection_bwd", device)
     return []
+
+
+def reasons(backend: str, x: Tensor, weights: Sequence[Tensor] = (), norms: Sequence = (),
+            **options) -> List[str]:
+    """Why ``backend`` cannot serve :func:`conv_qkv_projection` for these arguments (empty when
+    it can); ``options`` are its keywords, which no backend restricts."""
+    return _reasons(backend, x.device, x.dtype)
 
 
 def _out_len(n: int, s: int) -> int:
@@ -277,7 +285,7 @@ def conv_qkv_projection(x: Tensor, weights: Sequence[Tensor], norms: Sequence, *
             if B * _out_len(H, s) * _out_len(W, s) <= 1:
                 raise ValueError(f"batch statistics need more than 1 value per channel, but the {what} "
                                  f"projection has B*Ho*Wo = 1 (x {tuple(x.shape)}, stride {s})")
-    name = _backend.resolve("conv_qkv_projection", device, lambda b: _reasons(b, device, x.dtype), backend)
+    name = _backend.resolve("conv_qkv_projection", device, lambda b: reasons(b, x, weights, norms), backend)
 
     acc = _acc(x.dtype)
     weight = torch.stack([w.reshape(C, 9).to(acc) for w in weights])
@@ -297,3 +305,56 @@ def conv_qkv_projection(x: Tensor, weights: Sequence[Tensor], norms: Sequence, *
             for p, n in enumerate(states):
                 _update_running(n, mean[p].detach(), var[p].detach())
     return q, k, v
+
+
+def _sample(device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 2, 12, 5, 7
+    x = torch.randn(B, C, H, W, generator=g).to(device).requires_grad_()
+    weights = [(torch.randn(C, 1, 3, 3, generator=g) * 0.3).to(device).requires_grad_() for _ in range(3)]
+    norms = []
+    for _ in range(3):
+        norms.append(BatchNormState(
+            (1 + 0.1 * torch.randn(C, generator=g)).to(device).requires_grad_(),
+            (0.1 * torch.randn(C, generator=g)).to(device).requires_grad_(),
+            torch.zeros(C, device=device), torch.ones(C, device=device),
+            torch.tensor(0, device=device), 0.1, 1e-5))
+    return (x, weights, norms), dict(training=True)
+
+
+def _bad_inputs(device: torch.device):
+    (x, weights, norms), _ = _sample(device)
+    x = x.detach()
+    return [
+        _registry.BadInput((x[0], weights, norms), dict(training=True), ValueError, "x must be a token map"),
+        _registry.BadInput((x, weights[:2], norms), dict(training=True), TypeError, "weights must be a list"),
+        _registry.BadInput((x, [w[:5] for w in weights], norms), dict(training=True), ValueError,
+                           r"weights\[0\] must be a depthwise"),
+        _registry.BadInput((x, weights, norms), dict(training=True, stride_q=0), ValueError, "stride_q must be >="),
+        _registry.BadInput((x, weights, norms), dict(training=1), TypeError, "training must be a bool"),
+    ]
+
+
+def _opcheck(device: torch.device, backend: str):
+    g = torch.Generator().manual_seed(1)
+    B, C, H, W = 2, 8, 5, 6
+    acc = torch.float32
+    x = torch.randn(B, H, W, C, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(3, C, 9, generator=g) * 0.3).to(device).requires_grad_()
+    gamma = (1 + 0.1 * torch.randn(3, C, generator=g)).to(device).requires_grad_()
+    beta = (0.1 * torch.randn(3, C, generator=g)).to(device).requires_grad_()
+    eps = [1e-5, 1e-5, 1e-5]
+    fwd = (x, weight, gamma, beta, None, None, eps, 1, 2, True, backend)
+    out = torch.ops.ssl_fast.conv_qkv_projection_fwd(x.detach(), weight.detach(), gamma.detach(), beta.detach(),
+                                                     None, None, eps, 1, 2, True, backend)
+    grads = [torch.randn(o.shape, generator=g, dtype=acc).to(device) for o in out[:3]]
+    bwd = (*grads, x.detach(), weight.detach(), gamma.detach(), out[6], out[7], out[3], out[4], out[5], 1, 2,
+           True, backend)
+    return [(torch.ops.ssl_fast.conv_qkv_projection_fwd.default, fwd),
+            (torch.ops.ssl_fast.conv_qkv_projection_bwd.default, bwd)]
+
+
+_registry.register(_registry.OpSpec(
+    name="conv_qkv_projection", fn=conv_qkv_projection, reasons=reasons, sample=_sample,
+    bad_inputs=_bad_inputs, opcheck=_opcheck,
+    cpp_kernels=("conv_qkv_projection_fwd", "conv_qkv_projection_bwd"), tol=1e-5))

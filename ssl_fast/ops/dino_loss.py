@@ -14,6 +14,7 @@ from ssl_fast import _backend
 from ssl_fast._checks import check_int, check_real, check_same_device, check_tensor
 from ssl_fast._ext import cpp_reasons
 from ssl_fast._triton import triton_reasons
+from ssl_fast.ops import _registry
 from ssl_fast.reference import dino_loss as reference
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -32,6 +33,13 @@ def _reasons(backend: str, device: torch.device, student_dtype: Optional[torch.d
     if backend == "cpp":
         return cpp_reasons("dino_loss_fwd", device) or cpp_reasons("dino_loss_bwd", device)
     return []
+
+
+def reasons(backend: str, student_output: torch.Tensor, teacher_output: torch.Tensor,
+            center: Optional[torch.Tensor] = None, **options) -> List[str]:
+    """Why ``backend`` cannot serve :func:`dino_loss` for these arguments (empty when it can);
+    ``options`` are :func:`dino_loss`'s keywords, which no backend restricts."""
+    return _reasons(backend, student_output.device, student_output.dtype, teacher_output.dtype)
 
 
 def _acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
@@ -178,8 +186,7 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     if tuple(center.shape) != (1, k):
         raise ValueError(f"center must have shape (1, {k}), got {tuple(center.shape)}")
     name = _backend.resolve("dino_loss", device,
-                            lambda bk: _reasons(bk, device, student_output.dtype, teacher_output.dtype),
-                            backend)
+                            lambda bk: reasons(bk, student_output, teacher_output, center), backend)
     student = _unit_stride_rows(student_output)
     teacher = _unit_stride_rows(teacher_output.detach())
     center = center.detach()
@@ -229,3 +236,42 @@ def update_center_(center: torch.Tensor, teacher_output: torch.Tensor, momentum:
             dist.all_reduce(batch_sum)
             count *= dist.get_world_size()
         center.mul_(momentum).add_(batch_sum / count, alpha=1.0 - momentum)
+
+
+def _sample(device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    b, k, ncrops = 3, 37, 4
+    student = (torch.randn(ncrops * b, k, generator=g) * 3).to(device).requires_grad_()
+    teacher = (torch.randn(2 * b, k, generator=g) * 3).to(device)
+    center = (torch.randn(1, k, generator=g) * 0.1).to(device)
+    return (student, teacher, center), dict(ncrops=ncrops, n_global=2, student_temp=0.1, teacher_temp=0.04)
+
+
+def _bad_inputs(device: torch.device):
+    s = torch.randn(8, 5, device=device)
+    t = torch.randn(4, 5, device=device)
+    c = torch.zeros(1, 5, device=device)
+    return [
+        _registry.BadInput((s, t, c), dict(ncrops=3), ValueError, "student_output has 8 rows"),
+        _registry.BadInput((s, t[:, :4], c), dict(ncrops=4), ValueError, "teacher_output has K=4"),
+        _registry.BadInput((s, t, c.double()), dict(ncrops=4), TypeError, "center must have dtype"),
+        _registry.BadInput((s, t, c), dict(ncrops=4, student_temp=0.0), ValueError, "student_temp must be >"),
+        _registry.BadInput((s.long(), t, c), dict(ncrops=4), TypeError, "student_output must have dtype"),
+    ]
+
+
+def _opcheck(device: torch.device, backend: str):
+    (student, teacher, center), kw = _sample(device)
+    student = student.detach().requires_grad_()
+    fwd = (student, teacher, center, kw["ncrops"], kw["n_global"], kw["student_temp"], kw["teacher_temp"],
+           backend)
+    _, s_lse, t_lse = torch.ops.ssl_fast.dino_loss_fwd(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                         for a in fwd])
+    bwd = (torch.tensor(1.5, device=device), student.detach(), teacher, center, s_lse, t_lse,
+           *fwd[3:])
+    return [(torch.ops.ssl_fast.dino_loss_fwd.default, fwd), (torch.ops.ssl_fast.dino_loss_bwd.default, bwd)]
+
+
+_registry.register(_registry.OpSpec(
+    name="dino_loss", fn=dino_loss, reasons=reasons, sample=_sample, bad_inputs=_bad_inputs,
+    opcheck=_opcheck, cpp_kernels=("dino_loss_fwd", "dino_loss_bwd"), tol=1e-5))

@@ -7,17 +7,26 @@ import torch
 from ssl_fast import _backend
 from ssl_fast._ext import cpp_reasons
 from ssl_fast._triton import triton_reasons
+from ssl_fast.ops import _registry
 from ssl_fast.reference import ema as reference
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _reasons(backend: str, device: torch.device) -> List[str]:
+    """Why ``backend`` cannot update tensors on ``device`` (the device-level part of :func:`reasons`)."""
     if backend == "triton":
         return triton_reasons(device)
     if backend == "cpp":
         return cpp_reasons("ema_", device)
     return []
+
+
+def reasons(backend: str, ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
+            momentum: Union[float, torch.Tensor] = 0.0) -> List[str]:
+    """Why ``backend`` cannot serve :func:`ema_` for these arguments (empty when it can)."""
+    device = ema_tensors[0].device if len(ema_tensors) else torch.device("cpu")
+    return _reasons(backend, device)
 
 
 @torch.library.custom_op("ssl_fast::ema_", mutates_args=("ema_tensors",))
@@ -126,7 +135,7 @@ def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
         if e.is_floating_point() and (e.dtype not in _FLOATS or t.dtype not in _FLOATS):
             raise TypeError(f"ema_tensors[{i}] ({e.dtype}) and tensors[{i}] ({t.dtype}) must both "
                             "be float32, float16, bfloat16 or float64")
-    name = _backend.resolve("ema_", device, lambda b: _reasons(b, device), backend)
+    name = _backend.resolve("ema_", device, lambda b: reasons(b, ema_tensors, tensors, momentum), backend)
     with torch.no_grad():
         floats_e, floats_t, copy_back = [], [], []
         for e, t in zip(ema_tensors, tensors):
@@ -147,3 +156,35 @@ def ema_(ema_tensors: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor],
             torch.ops.ssl_fast.ema_(floats_e, floats_t, float(momentum), momentum_tensor, name)
         for e, work in copy_back:
             e.copy_(work)
+
+
+def _sample(device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (33,), (2, 3, 4)]
+    teacher = [torch.randn(s, generator=g).to(device) for s in shapes] + [torch.tensor(3, device=device)]
+    student = [torch.randn(s, generator=g).to(device) for s in shapes] + [torch.tensor(5, device=device)]
+    student[1] = student[1].to(torch.bfloat16)
+    return (teacher, student, 0.75), {}
+
+
+def _bad_inputs(device: torch.device):
+    e = [torch.zeros(3, device=device)]
+    t = [torch.ones(3, device=device)]
+    return [
+        _registry.BadInput((e, t, 1.5), {}, ValueError, r"momentum must be in \[0, 1\]"),
+        _registry.BadInput((e, [torch.ones(4, device=device)], 0.5), {}, ValueError, r"tensors\[0\] has shape"),
+        _registry.BadInput((e[0], t, 0.5), {}, TypeError, "ema_tensors must be a list"),
+        _registry.BadInput((e, t, "0.5"), {}, TypeError, "momentum must be a float"),
+    ]
+
+
+def _opcheck(device: torch.device, backend: str):
+    g = torch.Generator().manual_seed(1)
+    e = [torch.randn(5, 3, generator=g).to(device), torch.randn(9, generator=g).to(device)]
+    t = [torch.randn(5, 3, generator=g).to(device), torch.randn(9, generator=g).to(device)]
+    return [(torch.ops.ssl_fast.ema_.default, (e, t, 0.9, None, backend))]
+
+
+_registry.register(_registry.OpSpec(
+    name="ema_", fn=ema_, reasons=reasons, sample=_sample, bad_inputs=_bad_inputs, opcheck=_opcheck,
+    cpp_kernels=("ema_",), inplace=True))
