@@ -27,17 +27,28 @@ class ImageSet:
         labels: ``[N]`` int64 class indices.
         classes: class names, ``classes[labels[i]]`` is image i's class.
         name: short description for logs.
+        masks: optional ``[N, 1, H, W]`` float32 foreground masks in [0, 1] (segmentations, or the
+            exact masks of a synthetic set); None where the data set has none.
+        boxes: optional ``[N, 4]`` float32 object boxes ``(x0, y0, x1, y1)`` in pixels of the stored
+            ``H x W`` image (pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``); None where there are none.
     """
     images: torch.Tensor
     labels: torch.Tensor
     classes: List[str] = field(default_factory=list)
     name: str = ""
+    masks: Optional[torch.Tensor] = None
+    boxes: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.images.dim() != 4 or self.images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must be [{self.images.shape[0]}], got {tuple(self.labels.shape)}")
+        n, _, h, w = self.images.shape
+        if self.masks is not None and tuple(self.masks.shape) != (n, 1, h, w):
+            raise ValueError(f"masks must be [{n}, 1, {h}, {w}] like the images, got {tuple(self.masks.shape)}")
+        if self.boxes is not None and tuple(self.boxes.shape) != (n, 4):
+            raise ValueError(f"boxes must be [{n}, 4] (x0, y0, x1, y1), got {tuple(self.boxes.shape)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -331,7 +342,8 @@ def load_cifar10(root: str, image_size: int = 32) -> Tuple[ImageSet, ImageSet]:
 
 
 def load_dataset(spec: str, image_size: Optional[int] = None, bad_images: str = "skip") -> Tuple[ImageSet, ImageSet]:
-    """Resolve a ``--data`` value: ``digits``, ``cifar10:<folder>`` or an image-folder path.
+    """Resolve a ``--data`` value: ``digits``, ``cluttered-digits``, ``cifar10:<folder>``, ``cub:<folder>``,
+    ``cars:<folder>``, ``aircraft:<folder>`` or an image-folder path.
 
     Args:
         spec: the data specification.
@@ -346,6 +358,13 @@ def load_dataset(spec: str, image_size: Optional[int] = None, bad_images: str = 
     size = 32 if image_size is None else image_size
     if spec == "digits":
         return load_digits(size)
+    if spec == "cluttered-digits":
+        from ssl_fast.data.cluttered_digits import load_cluttered_digits
+        return load_cluttered_digits(size)
+    for prefix in ("cub", "cars", "aircraft"):
+        if spec == prefix or spec.startswith(prefix + ":"):
+            from ssl_fast.data.finegrained import load_finegrained
+            return load_finegrained(prefix, spec[len(prefix) + 1:], size, bad_images=bad_images)
     if spec.startswith("cifar10:"):
         return load_cifar10(spec[len("cifar10:"):], size)
     if spec == "cifar10":
