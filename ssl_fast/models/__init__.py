@@ -11,6 +11,6 @@ __all__ = ["DINOHead", "VisionTransformer", "create_model", "is_model", "list_mo
 
 # Model files register themselves on import. Optional ones (written in parallel) are imported
 # only when their file exists; an error inside an existing file is raised, never hidden.
-for _name in ("cvt",):
+for _name in ("cvt", "resnet", "botnet"):
     if importlib.util.find_spec(f"ssl_fast.models.{_name}") is not None:
         importlib.import_module(f"ssl_fast.models.{_name}")
