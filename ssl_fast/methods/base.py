@@ -40,6 +40,9 @@ class OptimConfig:
         weight_decay: weight decay at the start of the cosine weight-decay schedule.
         weight_decay_end: weight decay at the end.
         betas: AdamW betas.
+        optimizer: ``adamw``, ``sgd`` or ``lars`` (:func:`ssl_fast.train.optim.build_optimizer`).
+        momentum: SGD/LARS momentum.
+        lars_eta: LARS trust coefficient.
     """
     base_lr: float = 5e-4
     min_lr: float = 1e-6
@@ -47,6 +50,9 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     betas: tuple = (0.9, 0.999)
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    lars_eta: float = 0.001
 
 
 @dataclass
@@ -79,10 +85,41 @@ class SSLMethod(nn.Module):
     Subclasses implement :meth:`training_step`, :meth:`features` and :meth:`trainable`, and may
     override the hooks. ``state_dict()`` must hold everything the method needs to resume exactly
     (networks, teacher, loss buffers); the trainer saves the optimizer and RNG states itself.
+
+    Everything specific to a method lives on its class: its options and their defaults
+    (:attr:`config_class`, read by the constructor, ``from_context`` and the command line), its
+    presets per data set (:attr:`presets`) and the metrics it shows (:attr:`display_metrics`).
+    The trainer logs every scalar a method returns and knows nothing else about it.
     """
 
     #: registry name, set by :func:`register_method`
     name: str = "base"
+    #: the dataclass of the method's options (fields made with :func:`ssl_fast.methods.config.option`)
+    config_class: Optional[type] = None
+    #: defaults per data set, ``{"digits": {...}, "default": {...}}``: run settings (``arch``,
+    #: ``epochs``, ``batch_size``, ``lr``...) and ``options`` (fields of :attr:`config_class`)
+    presets: Dict[str, Dict[str, Any]] = {}
+    #: metrics printed on the progress and epoch lines, as ``{name: format}``, e.g. ``{"momentum": "m {:.5f}"}``
+    display_metrics: Dict[str, str] = {}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add the method's command-line options (one per field of :attr:`config_class`)."""
+        if cls.config_class is not None:
+            from ssl_fast.methods.config import add_config_arguments
+
+            add_config_arguments(parser, cls.name, cls.config_class)
+
+    @classmethod
+    def preset_for(cls, data: str) -> Dict[str, Any]:
+        """The preset for data set ``data`` (``digits``, ``cifar10:...``, a folder): an exact name's
+        own preset, else ``default``, else an empty one."""
+        name = data.split(":", 1)[0]
+        return cls.presets.get(name, cls.presets.get("default", {}))
+
+    def describe(self, metrics: Dict[str, float]) -> str:
+        """The :attr:`display_metrics` present in ``metrics``, formatted, joined by spaces."""
+        return " ".join(fmt.format(metrics[k]) for k, fmt in self.display_metrics.items() if k in metrics)
 
     def trainable(self) -> nn.Module:
         """The module the optimizer trains (and DDP wraps)."""

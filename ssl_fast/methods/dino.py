@@ -8,6 +8,7 @@ the teacher the two global crops only.
 """
 import argparse
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from ssl_fast._argtypes import number
 from ssl_fast.data.augment import MultiCrop
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
+from ssl_fast.methods.config import config_from_options, option
 from ssl_fast.models import create_model
 from ssl_fast.models.heads import DINOHead
 from ssl_fast.nn import DINOLoss, MomentumTeacher
@@ -51,13 +53,8 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(feats))
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
-    # options shared by several methods are defined once
-    if flag not in parser._option_string_actions:
-        parser.add_argument(flag, **kw)
-
-
-def _pair(text) -> tuple:
+def crop_scale(text) -> tuple:
+    """``--*-crops-scale`` value: two shares of the image area ``lo,hi`` with ``0 < lo <= hi <= 1``."""
     if isinstance(text, (tuple, list)):
         return tuple(float(v) for v in text)
     parts = str(text).replace(",", " ").split()
@@ -72,6 +69,34 @@ def _pair(text) -> tuple:
     return lo, hi
 
 
+@dataclass
+class DINOConfig:
+    """DINO's options and their defaults (the official ViT-S/16 recipe); one flag each on the CLI."""
+    out_dim: int = option(65536, "prototypes K in the head", number(int, 1))
+    head_hidden_dim: int = option(2048, "head MLP width", number(int, 1))
+    head_bottleneck_dim: int = option(256, "head bottleneck width", number(int, 1))
+    head_layers: int = option(3, "layers of the head's MLP", number(int, 1), cli=False)
+    norm_last_layer: int = option(1, "unit-norm prototypes (1) or learnt norms (0)", int, choices=(0, 1))
+    head_bn: int = option(0, "BatchNorm in the head's MLP (DINO's use_bn_in_head)", int, choices=(0, 1))
+    local_crops: int = option(8, "number of local crops", number(int, 0))
+    global_crop_size: Optional[int] = option(None, "global crop side in pixels (multiple of the patch size; "
+                                             "default the image size)", number(int, 1))
+    local_crop_size: Optional[int] = option(None, "local crop side in pixels (multiple of the patch size; "
+                                            "default 3/7 of the global size)", number(int, 1))
+    global_crops_scale: tuple = option((0.4, 1.0), "area range of global crops, lo,hi", crop_scale)
+    local_crops_scale: tuple = option((0.05, 0.4), "area range of local crops, lo,hi", crop_scale)
+    flip_p: float = option(0.5, "horizontal-flip probability", number(float, 0, 1))
+    momentum_teacher: float = option(0.996, "base teacher momentum (cosine to 1)", number(float, 0, 1))
+    teacher_temp: float = option(0.04, "teacher temperature after warm-up", number(float, 0, lo_open=True))
+    warmup_teacher_temp: float = option(0.04, "initial teacher temperature", number(float, 0, lo_open=True))
+    warmup_teacher_temp_epochs: int = option(30, "teacher-temperature warm-up epochs", number(int, 0))
+    student_temp: float = option(0.1, "student temperature", number(float, 0, lo_open=True), cli=False)
+    center_momentum: float = option(0.9, "center EMA momentum", number(float, 0, 1), cli=False)
+    freeze_last_layer: int = option(1, "epochs with the head's last layer frozen", number(int, 0))
+    clip_grad: float = option(3.0, "per-parameter gradient-norm clip, 0 = off", number(float, 0))
+    drop_path: float = option(0.0, "stochastic-depth rate of the backbone", number(float, 0, 1, hi_open=True))
+
+
 @register_method("dino")
 class DINO(SSLMethod):
     """DINO with a ViT (or any registered backbone returning ``[B, D]`` features).
@@ -82,38 +107,47 @@ class DINO(SSLMethod):
         epochs: total epochs (teacher-temperature and momentum schedules).
         steps_per_epoch: optimizer steps per epoch.
         augment: the multi-crop transform (2 global views first).
-        out_dim: K, prototypes in the head.
-        head_hidden_dim, head_bottleneck_dim, head_layers: DINO head sizes (2048, 256, 3).
-        norm_last_layer: weight-normalised last layer with frozen unit magnitude.
-        momentum_teacher: base EMA momentum (cosine to 1).
-        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: teacher temperature
-            warm-up (clamped to ``epochs``).
-        student_temp: student temperature.
-        center_momentum: center EMA momentum.
-        freeze_last_layer: epochs during which the last layer gets no update.
-        clip_grad: per-parameter gradient-norm clip (0 disables), as the official code does.
+        config: the options (:class:`DINOConfig`: head sizes, teacher momentum and temperatures,
+            frozen last layer, gradient clip); its crop fields are read by :meth:`from_context`,
+            which builds ``augment`` from them.
         optim: recommended optimizer settings.
+
+    Example:
+        >>> from ssl_fast.methods import MethodContext, create_method
+        >>> ctx = MethodContext(arch="vit_nano_p8", epochs=1, steps_per_epoch=1, global_batch_size=8, image_size=32)
+        >>> dino = create_method("dino", ctx)
     """
 
+    config_class = DINOConfig
+    display_metrics = {"momentum": "m {:.5f}", "teacher_entropy": "teacher entropy {:.3f}"}
+    presets = {
+        # Digits fill the frame and have no left/right symmetry: larger crops than DINO's ImageNet
+        # recipe (tiny local crops are mostly background) and no flips. BatchNorm in the head (the
+        # official use_bn_in_head option) keeps the teacher from collapsing to a uniform output on this
+        # small, low-variety data; a faster teacher and a higher learning rate suit a ~700-step run.
+        "digits": dict(arch="vit_nano_p8", epochs=30, batch_size=64, image_size=32, lr=2e-3, warmup_epochs=3,
+                       options=dict(out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64, head_bn=1,
+                                    local_crops=4, global_crop_size=32, local_crop_size=16,
+                                    global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0,
+                                    momentum_teacher=0.99, warmup_teacher_temp=0.04, teacher_temp=0.04)),
+        "default": dict(arch="vit_tiny_p4", epochs=100, batch_size=256, image_size=32,
+                        options=dict(out_dim=4096, local_crops=6, global_crop_size=32, local_crop_size=16)),
+    }
+
     def __init__(self, backbone: nn.Module, embed_dim: int, epochs: int, steps_per_epoch: int,
-                 augment: MultiCrop, out_dim: int = 65536, head_hidden_dim: int = 2048,
-                 head_bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,
-                 head_bn: bool = False,
-                 momentum_teacher: float = 0.996, warmup_teacher_temp: float = 0.04,
-                 teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
-                 student_temp: float = 0.1, center_momentum: float = 0.9, freeze_last_layer: int = 1,
-                 clip_grad: float = 3.0, optim: Optional[OptimConfig] = None):
+                 augment: MultiCrop, config: Optional[DINOConfig] = None, optim: Optional[OptimConfig] = None):
         super().__init__()
+        c = self.config = config or DINOConfig()
         self.augment = augment
-        self.student = MultiCropWrapper(backbone, DINOHead(embed_dim, out_dim, norm_last_layer=norm_last_layer,
-                                                           nlayers=head_layers, hidden_dim=head_hidden_dim,
-                                                           bottleneck_dim=head_bottleneck_dim, use_bn=head_bn))
-        self.teacher = MomentumTeacher(self.student, momentum_teacher, 1.0, total_steps=max(1, epochs * steps_per_epoch))
-        self.loss_fn = DINOLoss(out_dim, augment.n_views, warmup_teacher_temp, teacher_temp,
-                                min(warmup_teacher_temp_epochs, epochs), epochs, student_temp, center_momentum)
-        self.out_dim = out_dim
-        self.freeze_last_layer = freeze_last_layer
-        self.clip_grad = clip_grad
+        self.student = MultiCropWrapper(backbone, DINOHead(embed_dim, c.out_dim, norm_last_layer=bool(c.norm_last_layer),
+                                                           nlayers=c.head_layers, hidden_dim=c.head_hidden_dim,
+                                                           bottleneck_dim=c.head_bottleneck_dim, use_bn=bool(c.head_bn)))
+        self.teacher = MomentumTeacher(self.student, c.momentum_teacher, 1.0, total_steps=max(1, epochs * steps_per_epoch))
+        self.loss_fn = DINOLoss(c.out_dim, augment.n_views, c.warmup_teacher_temp, c.teacher_temp,
+                                min(c.warmup_teacher_temp_epochs, epochs), epochs, c.student_temp, c.center_momentum)
+        self.out_dim = c.out_dim
+        self.freeze_last_layer = c.freeze_last_layer
+        self.clip_grad = c.clip_grad
         self._optim = optim or OptimConfig()
         # The module the forward pass calls: the student, or its DDP wrapper. Kept out of the
         # registered submodules so that state_dict() holds the student once, without the
@@ -129,62 +163,27 @@ class DINO(SSLMethod):
         for k in [k for k in state_dict if k.startswith(prefix + "_forward_student.")]:
             del state_dict[k]
 
-    # ---- construction from the CLI -------------------------------------------------------
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """DINO's command-line options (defaults None: the data preset or DINO's value applies)."""
-        g = parser.add_argument_group("DINO")
-        _add(g, "--out-dim", type=number(int, 1), help="prototypes K in the head (DINO: 65536)")
-        _add(g, "--head-hidden-dim", type=number(int, 1), help="head MLP width (DINO: 2048)")
-        _add(g, "--head-bottleneck-dim", type=number(int, 1), help="head bottleneck width (DINO: 256)")
-        _add(g, "--local-crops", type=number(int, 0), help="number of local crops (DINO: 8)")
-        _add(g, "--global-crop-size", type=number(int, 1), help="global crop side in pixels (multiple of the patch size)")
-        _add(g, "--local-crop-size", type=number(int, 1), help="local crop side in pixels (multiple of the patch size)")
-        _add(g, "--global-crops-scale", type=_pair, help="area range of global crops, e.g. 0.4,1")
-        _add(g, "--local-crops-scale", type=_pair, help="area range of local crops, e.g. 0.05,0.4")
-        _add(g, "--flip-p", type=number(float, 0, 1), help="horizontal-flip probability")
-        _add(g, "--momentum-teacher", type=number(float, 0, 1), help="base teacher momentum (DINO: 0.996)")
-        _add(g, "--teacher-temp", type=number(float, 0, lo_open=True), help="teacher temperature after warm-up (DINO: 0.04)")
-        _add(g, "--warmup-teacher-temp", type=number(float, 0, lo_open=True), help="initial teacher temperature (DINO: 0.04)")
-        _add(g, "--warmup-teacher-temp-epochs", type=number(int, 0), help="teacher-temperature warm-up epochs")
-        _add(g, "--freeze-last-layer", type=number(int, 0), help="epochs with the head's last layer frozen (DINO: 1)")
-        _add(g, "--clip-grad", type=number(float, 0), help="per-parameter gradient-norm clip, 0 = off (DINO: 3.0)")
-        _add(g, "--drop-path", type=number(float, 0, 1, hi_open=True), help="stochastic-depth rate of the backbone (DINO ViT-S: 0.1)")
-        _add(g, "--norm-last-layer", type=int, choices=(0, 1), help="unit-norm prototypes (1) or learnt norms (0)")
-        _add(g, "--head-bn", type=int, choices=(0, 1), help="BatchNorm in the head's MLP (DINO's use_bn_in_head)")
-
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "DINO":
-        """Build DINO for a run; ``ctx.options`` keys are the CLI dests above (None = default)."""
-        o = {k: v for k, v in ctx.options.items() if v is not None}
-        backbone = create_model(ctx.arch, drop_path_rate=o.get("drop_path", 0.0))
+        """Build DINO for a run; ``ctx.options`` are :class:`DINOConfig` fields (None = default)."""
+        c = config_from_options(DINOConfig, ctx.options)
+        backbone = create_model(ctx.arch, drop_path_rate=c.drop_path)
         patch = getattr(backbone, "patch_size", 1)
-        g = o.get("global_crop_size", ctx.image_size)
-        loc = o.get("local_crop_size", max(patch, (g * 3 // 7) // patch * patch))
+        g = c.global_crop_size if c.global_crop_size is not None else ctx.image_size
+        loc = c.local_crop_size if c.local_crop_size is not None else max(patch, (g * 3 // 7) // patch * patch)
         for name, size in (("global crop size", g), ("local crop size", loc)):
             if size < patch or size % patch:
                 raise ValueError(f"{name} {size} px does not fit the patch size {patch} of {ctx.arch}: "
                                  f"crop sizes must be positive multiples of {patch}")
         if loc > g:
             raise ValueError(f"local crop size {loc} px is larger than the global crop size {g} px")
-        n_local = o.get("local_crops", 8)
-        if n_local < 0:
-            raise ValueError(f"--local-crops must be >= 0, got {n_local}")
-        augment = MultiCrop(g, loc, n_local, global_scale=o.get("global_crops_scale", (0.4, 1.0)),
-                            local_scale=o.get("local_crops_scale", (0.05, 0.4)), mean=ctx.mean, std=ctx.std,
-                            flip_p=o.get("flip_p", 0.5))
+        if c.local_crops < 0:
+            raise ValueError(f"--local-crops must be >= 0, got {c.local_crops}")
+        augment = MultiCrop(g, loc, c.local_crops, global_scale=c.global_crops_scale,
+                            local_scale=c.local_crops_scale, mean=ctx.mean, std=ctx.std, flip_p=c.flip_p)
         optim = OptimConfig(base_lr=5e-4, min_lr=1e-6, warmup_epochs=min(10, max(ctx.epochs // 10, 0)),
                             weight_decay=0.04, weight_decay_end=0.4)
-        return cls(backbone, backbone.num_features, ctx.epochs, ctx.steps_per_epoch, augment,
-                   out_dim=o.get("out_dim", 65536), head_hidden_dim=o.get("head_hidden_dim", 2048),
-                   head_bottleneck_dim=o.get("head_bottleneck_dim", 256),
-                   norm_last_layer=bool(o.get("norm_last_layer", 1)), head_bn=bool(o.get("head_bn", 0)),
-                   momentum_teacher=o.get("momentum_teacher", 0.996),
-                   warmup_teacher_temp=o.get("warmup_teacher_temp", 0.04),
-                   teacher_temp=o.get("teacher_temp", 0.04),
-                   warmup_teacher_temp_epochs=o.get("warmup_teacher_temp_epochs", 30),
-                   freeze_last_layer=o.get("freeze_last_layer", 1), clip_grad=o.get("clip_grad", 3.0),
-                   optim=optim)
+        return cls(backbone, backbone.num_features, ctx.epochs, ctx.steps_per_epoch, augment, config=c, optim=optim)
 
     # ---- the SSLMethod interface --------------------------------------------------------
     def trainable(self) -> nn.Module:

@@ -17,12 +17,13 @@ from ssl_fast._argtypes import number
 from ssl_fast.data.datasets import BAD_IMAGE_POLICIES, BadImageWarning, load_dataset
 from ssl_fast.methods import get_method, list_methods
 from ssl_fast.models import is_model, list_models
+from ssl_fast.train.config import EVAL_SPLITS, OPTIMIZERS
 
 # flags that belong to TrainConfig; every other dest is a method option
 _TRAIN_FLAGS = ("method", "data", "arch", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                "weight_decay", "weight_decay_end", "out", "resume", "overwrite", "device", "seed", "amp", "image_size",
-                "knn_k", "knn_temperature", "max_steps_per_epoch", "stop_after_epochs", "log_every",
-                "attention_images")
+                "weight_decay", "weight_decay_end", "optimizer", "out", "resume", "overwrite", "device", "seed", "amp",
+                "image_size", "knn_k", "knn_temperature", "eval_split", "val_fraction", "linear_probe",
+                "max_steps_per_epoch", "stop_after_epochs", "log_every", "attention_images")
 # flags the command itself uses (neither TrainConfig fields nor method options)
 _CLI_FLAGS = ("command", "list_archs", "bad_images")
 
@@ -87,9 +88,10 @@ def check_out_folder(out: str) -> Optional[str]:
 def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     """Add the ``pretrain`` subcommand to an argparse sub-parser collection."""
     p = sub.add_parser(
-        "pretrain", help="self-supervised pre-training (DINO) with k-NN evaluation",
+        "pretrain", help="self-supervised pre-training (DINO, BYOL, SimSiam, CARE) with k-NN evaluation",
         description="Pre-train a backbone without labels; evaluate it by k-NN on held-out labelled images "
-                    "each epoch. Defaults: DINO on the embedded scikit-learn digits, a few minutes on a CPU. "
+                    "each epoch and a linear probe at the end. Defaults: DINO on the embedded scikit-learn digits, a few minutes on a "
+                    "CPU; every method has its own preset for the digits. "
                     "Launch with torchrun --nproc_per_node=N -m ssl_fast pretrain ... for data parallelism.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="dino", help=f"method: {', '.join(list_methods())}")
@@ -108,7 +110,9 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=number(float, 0), default=None, help="linear learning-rate warm-up, epochs")
     p.add_argument("--weight-decay", type=number(float, 0), default=None, help="initial weight decay")
     p.add_argument("--weight-decay-end", type=number(float, 0), default=None, help="final weight decay (cosine)")
-    p.add_argument("--out", default="runs/dino-digits", help="output folder (logs, checkpoint, figures)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="optimizer (default: the method's; LARS leaves biases and norms unadapted and undecayed)")
+    p.add_argument("--out", default=None, help="output folder (logs, checkpoint, figures); default runs/<method>-<data>")
     p.add_argument("--resume", default=None, help="checkpoint file or folder to continue from, or 'auto' "
                                                   "(the checkpoint in --out, if any)")
     p.add_argument("--overwrite", action="store_true",
@@ -121,6 +125,13 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--knn-k", type=number(int, 1), default=20, help="neighbours in the k-NN evaluation")
     p.add_argument("--knn-temperature", type=number(float, 0, lo_open=True), default=0.07,
                    help="k-NN vote temperature")
+    p.add_argument("--eval-split", default="test", choices=EVAL_SPLITS,
+                   help="evaluate on the held-out 'test' split, or on a 'val' share carved from the training images "
+                        "(to choose settings without ever looking at the test split)")
+    p.add_argument("--val-fraction", type=number(float, 0, 1, lo_open=True, hi_open=True), default=0.2,
+                   help="share of each class held out by --eval-split val")
+    p.add_argument("--linear-probe", type=int, choices=(0, 1), default=1,
+                   help="1: fit a linear probe on frozen features at the end (and at random init and on raw pixels)")
     p.add_argument("--max-steps-per-epoch", type=number(int, 1), default=None, help="cap steps per epoch (quick tries)")
     p.add_argument("--stop-after-epochs", type=number(int, 1), default=None,
                    help="stop after this many epochs in total (schedules still span --epochs); continue with --resume")
@@ -129,9 +140,7 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
                    help="held-out images in attention.png")
     p.add_argument("--list-archs", action="store_true", help="print the known architectures and exit")
     for name in list_methods():
-        cls = get_method(name)
-        if hasattr(cls, "add_arguments"):
-            cls.add_arguments(p)
+        get_method(name).add_arguments(p)
     return p
 
 

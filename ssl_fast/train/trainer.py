@@ -19,99 +19,32 @@ host synchronisation), and at the end of an epoch that flag and every tensor of 
 are checked once. The save is verified after writing and keeps the previous checkpoint
 (``checkpoint.prev.pth``), so the checkpoint the stop message names is intact.
 """
-import csv
-import json
 import math
 import os
 import random
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ssl_fast.data.datasets import ImageSet, load_dataset
-from ssl_fast.methods import Batch, MethodContext, create_method, get_method
-from ssl_fast.models import is_model, list_models
+from ssl_fast.data.datasets import ImageSet, load_dataset, stratified_split
+from ssl_fast.methods import Batch, MethodContext, create_method
 from ssl_fast.train import distributed as D
 from ssl_fast.train.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint,
                                        non_finite_tensors, resolve_resume, save_atomic)
-from ssl_fast.train.knn import knn_accuracy
-from ssl_fast.train.plots import save_attention_png, save_curves_png
+from ssl_fast.train.config import TrainConfig, resolve_config
+from ssl_fast.train.evaluation import (extract_features, knn_top1, linear_top1, one_per_class, raw_pixels)
+from ssl_fast.train.optim import build_optimizer
+from ssl_fast.train.plots import save_attention_png
+from ssl_fast.train.run_log import LEGACY_STEP_COLUMNS, STEP_COLUMNS, Progress, best_earlier_run, new_history, write_logs
 from ssl_fast.train.schedules import cosine_schedule
 
 CHECKPOINT_VERSION = 1
 
-#: Defaults per data set (any CLI flag overrides). The digits preset is sized so the README run
-#: finishes in a few minutes on 2 CPU cores.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # Digits fill the frame and have no left/right symmetry: larger crops than DINO's ImageNet
-    # recipe (tiny local crops are mostly background) and no flips. BatchNorm in the head (the
-    # official use_bn_in_head option) keeps the teacher from collapsing to a uniform output on this
-    # small, low-variety data; a faster teacher and a higher learning rate suit a ~700-step run.
-    "digits": dict(arch="vit_nano_p8", epochs=30, batch_size=64, image_size=32, lr=2e-3, warmup_epochs=3,
-                   options=dict(out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64, head_bn=1,
-                                local_crops=4, global_crop_size=32, local_crop_size=16,
-                                global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), flip_p=0.0,
-                                momentum_teacher=0.99, warmup_teacher_temp=0.04, teacher_temp=0.04)),
-    "default": dict(arch="vit_tiny_p4", epochs=100, batch_size=256, image_size=32,
-                    options=dict(out_dim=4096, local_crops=6, global_crop_size=32, local_crop_size=16)),
-}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (``None`` = the data preset's value, then the method's default).
-
-    Attributes:
-        method: registered method name.
-        data: ``digits``, ``cifar10:<folder>`` or an image folder.
-        arch: backbone name.
-        epochs: total epochs (the schedules span these).
-        batch_size: GLOBAL batch size (all ranks together).
-        lr: base learning rate for a batch of 256 (scaled by batch/256); method default if None.
-        min_lr, warmup_epochs, weight_decay, weight_decay_end: schedule overrides.
-        out: output folder.
-        resume: checkpoint path, folder, or ``auto``.
-        overwrite: start afresh even though ``out`` holds an earlier run's checkpoint (which the
-            first epoch's checkpoint then replaces); without it such a start is refused.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-        seed: seed of initialisation, data order and augmentation.
-        amp: ``auto`` (bf16 autocast on GPUs), ``bf16`` or ``off``.
-        image_size: side the data is stored at.
-        knn_k, knn_temperature: k-NN evaluation parameters.
-        max_steps_per_epoch: cap on steps per epoch (quick runs, tests).
-        stop_after_epochs: stop this invocation after this many epochs in total (resume later).
-        log_every: progress line every this many steps (always at an epoch's end).
-        attention_images: images in the attention figure.
-        options: method options (``--out-dim``...), by argparse dest.
-    """
-    method: str = "dino"
-    data: str = "digits"
-    arch: Optional[str] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    min_lr: Optional[float] = None
-    warmup_epochs: Optional[float] = None
-    weight_decay: Optional[float] = None
-    weight_decay_end: Optional[float] = None
-    out: str = "runs/dino-digits"
-    resume: Optional[str] = None
-    overwrite: bool = False
-    device: str = "auto"
-    seed: int = 0
-    amp: str = "auto"
-    image_size: Optional[int] = None
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    max_steps_per_epoch: Optional[int] = None
-    stop_after_epochs: Optional[int] = None
-    log_every: int = 10
-    attention_images: int = 6
-    options: Dict[str, Any] = field(default_factory=dict)
+__all__ = ["CHECKPOINT_VERSION", "NonFiniteLossError", "TrainConfig", "Trainer", "pick_device", "resolve_config",
+           "split_validation"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,29 +58,12 @@ def _seed_of(*ints: int) -> int:
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill ``None`` fields from the data preset and validate the names.
-
-    Raises:
-        ValueError: unknown method or architecture (the message lists the known ones), bad numbers.
-    """
-    get_method(cfg.method)  # raises with the list of methods
-    preset = PRESETS["digits" if cfg.data == "digits" else "default"]
-    out = TrainConfig(**{**asdict(cfg), "options": dict(cfg.options)})
-    for name in ("arch", "epochs", "batch_size", "image_size", "lr", "warmup_epochs"):
-        if getattr(out, name) is None and name in preset:
-            setattr(out, name, preset[name])
-    for k, v in preset["options"].items():
-        if out.options.get(k) is None:
-            out.options[k] = v
-    if not is_model(out.arch):
-        raise ValueError(f"unknown architecture {out.arch!r}; known architectures: {', '.join(list_models())}")
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(out, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(out, name)}")
-    if out.amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"--amp must be auto, bf16 or off, got {out.amp!r}")
-    return out
+def split_validation(train: ImageSet, fraction: float, seed: int) -> Tuple[ImageSet, ImageSet]:
+    """``(train minus validation, validation)``: ``fraction`` of each class of ``train``, chosen by ``seed``."""
+    keep, val = stratified_split(train.labels.numpy(), fraction, seed)
+    keep, val = torch.as_tensor(np.sort(keep)), torch.as_tensor(np.sort(val))
+    return (ImageSet(train.images[keep], train.labels[keep], train.classes, f"{train.name} minus validation"),
+            ImageSet(train.images[val], train.labels[val], train.classes, f"validation share of {train.name}"))
 
 
 def pick_device(spec: str, dist_info: Optional[D.DistInfo] = None) -> torch.device:
@@ -160,29 +76,6 @@ def pick_device(spec: str, dist_info: Optional[D.DistInfo] = None) -> torch.devi
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {spec} asked for CUDA but no GPU is available")
     return dev
-
-
-class Progress:
-    """Plain-text progress: a line rewritten in place on a terminal, periodic lines otherwise."""
-
-    def __init__(self, enabled: bool, stream=None):
-        self.enabled = enabled
-        self.stream = stream or sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, text: str, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r" + text.ljust(110) + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(text + "\n")
-            self.stream.flush()
 
 
 class Trainer:
@@ -210,6 +103,9 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{self.dist.world_size} processes")
         self.train_set, self.test_set = data if data is not None else load_dataset(cfg.data, cfg.image_size)
+        if cfg.eval_split == "val":
+            # the held-out split stays unseen: settings are chosen on a share of the training images
+            self.train_set, self.test_set = split_validation(self.train_set, cfg.val_fraction, cfg.seed)
         n = len(self.train_set)
         self.steps_per_epoch = n // cfg.batch_size
         if self.steps_per_epoch < 1:
@@ -233,9 +129,10 @@ class Trainer:
         wd1 = cfg.weight_decay_end if cfg.weight_decay_end is not None else oc.weight_decay_end
         self.lr_schedule = cosine_schedule(self.base_lr, self.min_lr, cfg.epochs, self.steps_per_epoch, warm)
         self.wd_schedule = cosine_schedule(wd0, wd1, cfg.epochs, self.steps_per_epoch)
-        self.optimizer = torch.optim.AdamW(self.method.param_groups(), lr=self.base_lr, betas=oc.betas)
+        self.optimizer_name = cfg.optimizer or oc.optimizer
+        self.optimizer = build_optimizer(self.optimizer_name, self.method.param_groups(), self.base_lr, oc)
         self.start_epoch = 0
-        self.history: Dict[str, Any] = {"epochs": [], "steps": [], "knn_random_init": None, "knn_raw_pixels": None}
+        self.history: Dict[str, Any] = new_history()
         self.resumed_from = None
         #: (path, epochs done) of the newest checkpoint of this run known to be intact
         self.good_checkpoint: Optional[Tuple[str, int]] = None
@@ -458,40 +355,30 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     @torch.no_grad()
-    def _features(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        out = []
-        for i in range(0, images.shape[0], chunk):
-            with self._autocast():
-                out.append(self.method.features(images[i:i + chunk].to(self.device)).float())
-        return torch.cat(out)
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return extract_features(self.method.features, images, self.device, self._autocast)
+
+    def _both_features(self, raw: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        if raw:
+            return raw_pixels(self.train_set.images), raw_pixels(self.test_set.images)
+        return self._features(self.train_set.images), self._features(self.test_set.images)
 
     @torch.no_grad()
     def knn_eval(self, raw_pixels: bool = False) -> float:
-        """k-NN top-1 (%) of the teacher's features (or, with ``raw_pixels``, of the flattened
+        """k-NN top-1 (%) of the method's features (or, with ``raw_pixels``, of the flattened
         images themselves, the baseline no learned feature may fall below): held-out set against
         the training set, same k, temperature and cosine votes either way."""
-        if raw_pixels:
-            ftr, fte = self.train_set.images.flatten(1), self.test_set.images.flatten(1)
-        else:
-            ftr, fte = self._features(self.train_set.images), self._features(self.test_set.images)
-        return knn_accuracy(ftr, self.train_set.labels, fte, self.test_set.labels,
-                            num_classes=len(self.train_set.classes) or int(self.train_set.labels.max()) + 1,
-                            k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+        ftr, fte = self._both_features(raw_pixels)
+        return knn_top1(ftr, self.train_set, fte, self.test_set, self.cfg.knn_k, self.cfg.knn_temperature)
 
-    def _attention_samples(self) -> Tuple[torch.Tensor, List[str]]:
-        ts, seen, idx = self.test_set, set(), []
-        for i, y in enumerate(ts.labels.tolist()):
-            if y not in seen:
-                seen.add(y)
-                idx.append(i)
-            if len(idx) == self.cfg.attention_images:
-                break
-        names = [ts.classes[ts.labels[i]] if ts.classes else str(int(ts.labels[i])) for i in idx]
-        return ts.images[idx], names
+    def linear_eval(self, raw_pixels: bool = False) -> float:
+        """Linear-probe top-1 (%) of the frozen features (or of the raw pixels) on the held-out set."""
+        ftr, fte = self._both_features(raw_pixels)
+        return linear_top1(ftr, self.train_set, fte, self.test_set)
 
     def save_attention(self, path: str) -> bool:
         """Write the last block's class-token attention per head for a few held-out images."""
-        images, names = self._attention_samples()
+        images, names = one_per_class(self.test_set, self.cfg.attention_images)
         with self._autocast():
             att = self.method.attention_maps(images.to(self.device))
         if att is None:
@@ -504,31 +391,9 @@ class Trainer:
 
     # ---- logs ------------------------------------------------------------------------------
     def _write_logs(self, figures: bool = False) -> None:
-        out = self.cfg.out
-        rows = self.history["epochs"]
-        if rows:
-            keys = list(rows[0].keys())
-            with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
-        with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["epoch", "step", "loss", "lr", "weight_decay", "momentum"])
-            w.writerows(self.history["steps"])
-        log = {"config": asdict(self.cfg), "world_size": self.dist.world_size, "device": str(self.device),
-               "steps_per_epoch": self.steps_per_epoch, "knn_random_init": self.history["knn_random_init"],
-               "knn_raw_pixels": self.history.get("knn_raw_pixels"), "epochs": rows, "summary": self.history.get("summary")}
-        tmp = os.path.join(out, ".log.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(log, f, indent=1)
-        os.replace(tmp, os.path.join(out, "log.json"))
-        if not figures:
-            return
-        save_curves_png(os.path.join(out, "curves.png"), [s[2] for s in self.history["steps"]],
-                        self.steps_per_epoch, [r["epoch"] for r in rows], [r["knn_top1"] for r in rows],
-                        self.history["knn_random_init"],
-                        f"{self.cfg.method.upper()} {self.cfg.arch} on {self.cfg.data}")
+        write_logs(self.cfg.out, self.cfg, self.history,
+                   {"world_size": self.dist.world_size, "device": str(self.device),
+                    "steps_per_epoch": self.steps_per_epoch, "optimizer": self.optimizer_name}, figures=figures)
 
     # ---- training --------------------------------------------------------------------------
     def _set_schedules(self, it: int) -> Tuple[float, float]:
@@ -571,24 +436,32 @@ class Trainer:
             self._flag_non_finite_grads(it)
             self.optimizer.step()
             out.update(self.method.after_optimizer_step(epoch, step))
-            m = float(out.get("momentum", float("nan")))
-            self.history["steps"].append([epoch + 1, step + 1, loss_val, lr, wd, m])
-            for k, v in out.items():
-                if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + float(D.all_reduce_mean(torch.as_tensor(float(v))))
+            metrics = {k: float(D.all_reduce_mean(torch.as_tensor(float(v)))) for k, v in out.items() if k != "loss"}
+            self._log_step(epoch, step, loss_val, lr, wd, metrics)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
             sums["loss"] = sums.get("loss", 0.0) + loss_val
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 dt = time.perf_counter() - t0
                 ips = (step + 1) * gb / max(dt, 1e-9)
                 eta = (steps - step - 1) * dt / (step + 1)
+                shown = self.method.describe(metrics)
                 self.progress.update(f"epoch {epoch + 1}/{cfg.epochs} [{step + 1:>4}/{steps}] loss {loss_val:.4f} "
-                                     f"lr {lr:.2e} m {m:.5f} {ips:6.1f} img/s eta {eta:4.0f}s",
+                                     f"lr {lr:.2e}{' ' + shown if shown else ''} {ips:6.1f} img/s eta {eta:4.0f}s",
                                      final=step + 1 == steps)
         dt = time.perf_counter() - t0
         res = {k: v / steps for k, v in sums.items()}
         res["images_per_s"] = steps * gb / max(dt, 1e-9)
         res["epoch_time_s"] = dt
         return res
+
+    def _log_step(self, epoch: int, step: int, loss: float, lr: float, wd: float, metrics: Dict[str, float]) -> None:
+        """One ``steps.csv`` row: the fixed columns, then every metric the method returned."""
+        columns = self.history.setdefault("step_columns", list(LEGACY_STEP_COLUMNS))
+        columns.extend(k for k in metrics if k not in columns)
+        row = [epoch + 1, step + 1, loss, lr, wd]
+        row += [metrics.get(k, float("nan")) for k in columns[len(STEP_COLUMNS):]]
+        self.history["steps"].append(row)
 
     def _flag_non_finite_grads(self, it: int) -> None:
         # Largest |gradient| per tensor (inf-norm: no overflow for large finite values); NaN or inf
@@ -601,23 +474,44 @@ class Trainer:
         self._first_bad_step = torch.where(finite | (self._first_bad_step >= 0), self._first_bad_step,
                                            torch.full_like(self._first_bad_step, it))
 
+    def _baselines(self) -> None:
+        """The evaluations every learned feature is judged against, once per run (kept on resume):
+        k-NN (and, with ``linear_probe``, the linear probe) at random initialisation and on raw pixels."""
+        h, p, cfg = self.history, self.progress, self.cfg
+        evals = [("knn_random_init", lambda: self.knn_eval()), ("knn_raw_pixels", lambda: self.knn_eval(raw_pixels=True))]
+        if cfg.linear_probe:
+            # a run resumed from a checkpoint made before linear probes has no random-init model left
+            evals += [("linear_random_init", lambda: self.linear_eval())] if self.start_epoch == 0 else []
+            evals += [("linear_raw_pixels", lambda: self.linear_eval(raw_pixels=True))]
+        for key, run in evals:
+            if h.get(key) is None:
+                h[key] = D.broadcast_float(run() if self.dist.is_main else None)
+        def pair(knn: str, linear: str) -> str:
+            lin = h.get(linear)
+            return f"{h[knn]:.2f}%" + (f" / linear {lin:.2f}%" if cfg.linear_probe and lin is not None else "")
+
+        p.print(f"baselines on {self.test_set.name} (k-NN k={cfg.knn_k}, T={cfg.knn_temperature}"
+                + (" / linear probe" if cfg.linear_probe else "") + "): random init k-NN "
+                + pair("knn_random_init", "linear_random_init") + ", raw pixels k-NN "
+                + pair("knn_raw_pixels", "linear_raw_pixels"))
+        if self.dist.is_main:
+            h["best_earlier_run"] = best_earlier_run(cfg.out, cfg.data, cfg.eval_split)
+            best = h["best_earlier_run"]
+            if best:
+                p.print(f"best earlier run on {cfg.data}: {best['out']} ({best['method']} {best['arch']}, "
+                        f"{best['epochs']} epochs) k-NN {best['knn_top1']:.2f}%"
+                        + (f", linear {best['linear_top1']:.2f}%" if best.get("linear_top1") is not None else ""))
+
     def fit(self) -> Dict[str, Any]:
         """Train from ``start_epoch`` to ``epochs`` (or ``stop_after_epochs``); returns the summary."""
         cfg = self.cfg
         t_start = time.perf_counter()
         p = self.progress
-        p.print(f"{cfg.method.upper()} | {cfg.arch} | data {self.train_set.name}, held out {self.test_set.name} | "
+        p.print(f"{cfg.method.upper()} | {cfg.arch} | data {self.train_set.name}, evaluated on {self.test_set.name} | "
                 f"device {self.device}{' bf16' if self.amp else ''} x{self.dist.world_size} | global batch "
-                f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, lr {self.base_lr:.2e}")
-        if self.history["knn_random_init"] is None:
-            base = self.knn_eval() if self.dist.is_main else None
-            self.history["knn_random_init"] = D.broadcast_float(base)
-            p.print(f"k-NN top-1 (k={cfg.knn_k}, T={cfg.knn_temperature}) at random init: "
-                    f"{self.history['knn_random_init']:.2f}%")
-        if self.history.get("knn_raw_pixels") is None:
-            self.history["knn_raw_pixels"] = D.broadcast_float(self.knn_eval(raw_pixels=True)
-                                                               if self.dist.is_main else None)
-            p.print(f"k-NN top-1 on raw pixels (same k-NN): {self.history['knn_raw_pixels']:.2f}%")
+                f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, {self.optimizer_name} "
+                f"lr {self.base_lr:.2e}")
+        self._baselines()
         base, pixels = self.history["knn_random_init"], self.history["knn_raw_pixels"]
         end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
         for epoch in range(self.start_epoch, end):
@@ -628,8 +522,8 @@ class Trainer:
                    "knn_random_init": base}
             self.history["epochs"].append(row)
             warnings = self.method.collapse_warnings(res)
-            p.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {res['loss']:.4f}"
-                    + (f", teacher entropy {res['teacher_entropy']:.3f}" if "teacher_entropy" in res else "")
+            shown = self.method.describe(res)
+            p.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {res['loss']:.4f}" + (f", {shown}" if shown else "")
                     + f" | k-NN top-1 {knn:.2f}% (random init {base:.2f}%) | {res['images_per_s']:.0f} img/s")
             for w in warnings:
                 p.print(f"WARNING: {w}")
@@ -638,20 +532,31 @@ class Trainer:
             self._save(epoch)
             D.barrier()
         done = len(self.history["epochs"])
+        finished = done == cfg.epochs
+        linear = None
+        if cfg.linear_probe and finished:
+            linear = D.broadcast_float(self.linear_eval() if self.dist.is_main else None)
         summary = {"epochs_done": done, "knn_top1": self.history["epochs"][-1]["knn_top1"] if done else None,
-                   "knn_random_init": base, "knn_raw_pixels": pixels, "wall_time_s": time.perf_counter() - t_start,
-                   "out": cfg.out}
+                   "linear_top1": linear, "knn_random_init": base, "knn_raw_pixels": pixels,
+                   "linear_random_init": self.history.get("linear_random_init"),
+                   "linear_raw_pixels": self.history.get("linear_raw_pixels"),
+                   "best_earlier_run": self.history.get("best_earlier_run"), "eval_split": cfg.eval_split,
+                   "wall_time_s": time.perf_counter() - t_start, "out": cfg.out}
         self.history["summary"] = summary
         if self.dist.is_main:
             self._write_logs(figures=True)
             att = os.path.join(cfg.out, "attention.png")
+            outputs = ["log.json", "metrics.csv", "steps.csv", "curves.png"]
             if self.save_attention(att):
                 summary["attention_png"] = att
+                outputs.append("attention.png")
             summary["curves_png"] = os.path.join(cfg.out, "curves.png")
+            outputs += [CHECKPOINT_NAME] + ([PREVIOUS_NAME] if os.path.exists(os.path.join(cfg.out, PREVIOUS_NAME)) else [])
             if done:
                 gain = summary["knn_top1"] - base
+                lin = f", linear probe {linear:.2f}%" if linear is not None else ""
                 p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
-                        f"{summary['wall_time_s']:.0f}s | held-out k-NN top-1 {summary['knn_top1']:.2f}% vs "
-                        f"random init {base:.2f}% ({gain:+.2f} points), raw pixels {pixels:.2f}% | outputs in {cfg.out}/ "
-                        f"(log.json, metrics.csv, curves.png, attention.png, {CHECKPOINT_NAME})")
+                        f"{summary['wall_time_s']:.0f}s | {'held-out' if cfg.eval_split == 'test' else 'validation'} "
+                        f"k-NN top-1 {summary['knn_top1']:.2f}%{lin} vs random init {base:.2f}% ({gain:+.2f} points), "
+                        f"raw pixels {pixels:.2f}% | outputs in {cfg.out}/ ({', '.join(outputs)})")
         return summary
