@@ -137,6 +137,7 @@ def test_botnet50_shapes(size):
 
 
 def test_default_sizes():
+    assert create_model("botnet50").fixed_input_size and not create_model("resnet_mini").fixed_input_size
     assert create_model("botnet50").attn_size == (14, 14)
     assert create_model("botnet_mini").attn_size == (8, 8)
 

@@ -130,6 +130,8 @@ class BoTNet(ResNetBase):
         num_features: width of the pooled feature.
         stage_channels: output channels of ``layer1..layer4``.
         attn_size: ``(H, W)`` the first BoT block attends at (the ``layer3`` output size).
+        fixed_input_size: True (only ``img_size`` inputs are accepted; a multi-crop method must
+            build one network per crop size or use a single size).
 
     Example:
         >>> m = BoTNet(Bottleneck, (3, 4, 6, 3), img_size=224)
@@ -145,6 +147,7 @@ class BoTNet(ResNetBase):
         if block not in (BasicBlock, Bottleneck):
             raise TypeError(f"block must be BasicBlock or Bottleneck, got {block!r}")
         check_backbone_args(num_classes, width, drop_path_rate, in_chans, layers)
+        self.fixed_input_size = True
         self.img_size = _pair(img_size, "img_size")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")

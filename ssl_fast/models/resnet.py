@@ -164,7 +164,10 @@ class ResNetBase(nn.Module):
     """Stem, pooling, head and the forward methods shared by :class:`ResNet` and the BoTNet.
 
     Subclasses build ``layer1..layer4`` and set ``stage_channels``; then call :meth:`_finish`.
+    ``fixed_input_size`` (timm's name for it) says whether the network takes one image size only.
     """
+
+    fixed_input_size = False
 
     def _build_stem(self, in_chans: int, width: int, small_stem: bool, dd: dict) -> None:
         if small_stem:
