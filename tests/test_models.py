@@ -122,13 +122,26 @@ def test_dino_head_shapes_norms_and_frozen_magnitude():
 _ARCHS = [a for a in list_models() if not a.startswith("_")]
 # the smallest method settings that still exercise every piece (global and local crops, head)
 _METHOD_OPTIONS = {"dino": dict(out_dim=32, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=1,
-                                global_crop_size=32, local_crop_size=16, drop_path=0.1)}
+                                global_crop_size=32, local_crop_size=16, drop_path=0.1),
+                   "byol": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32),
+                   "simsiam": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8),
+                   "care": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, t_layers=1, t_heads=2,
+                                t_dim_head=8)}
+
+
+def _options(method: str, arch: str) -> dict:
+    opts = dict(_METHOD_OPTIONS.get(method, {}))
+    if method == "dino" and getattr(create_model(arch), "fixed_input_size", False):
+        opts["local_crop_size"] = 32  # one input size only (BoTNet): every crop at 32 px
+    return opts
 
 
 def _arch_method_cases():
     from ssl_fast.methods import list_methods
 
-    return [(m, a) for m in list_methods() for a in _ARCHS]
+    # CARE needs a CNN with stages (its transformer stream runs on layer3)
+    return [(m, a) for m in list_methods() for a in _ARCHS
+            if m != "care" or hasattr(create_model(a), "feature_maps")]
 
 
 @pytest.mark.parametrize("method,arch", _arch_method_cases())
@@ -144,7 +157,7 @@ def test_every_listed_arch_trains_one_step_under_every_method(method, arch, tmp_
     data = (ImageSet(x[:4], y[:4], ["a", "b"]), ImageSet(x[4:], y[4:], ["a", "b"]))
     cfg = TrainConfig(method=method, data="images", arch=arch, epochs=1, batch_size=2, image_size=32,
                       max_steps_per_epoch=1, out=str(tmp_path), device="cpu",
-                      options=dict(_METHOD_OPTIONS.get(method, {})))
+                      options=_options(method, arch))
     trainer = Trainer(cfg, data=data)
     trainer.progress.enabled = False
     params = [p for p in trainer.method.trainable().parameters() if p.requires_grad]

@@ -36,6 +36,8 @@ class ViewSpec:
             ``size / blur_reference`` so a blur looks alike at every resolution.
         blur_reference: see ``blur_sigma`` (DINO's 224).
         solarize_p: solarisation probability (threshold 0.5).
+        noise_p: probability of additive Gaussian noise (after the other changes; clamped to [0, 1]).
+        noise_std: range of the noise's standard deviation.
     """
     size: int
     scale: Tuple[float, float]
@@ -48,6 +50,8 @@ class ViewSpec:
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     blur_reference: float = 224.0
     solarize_p: float = 0.0
+    noise_p: float = 0.0
+    noise_std: Tuple[float, float] = (0.0, 0.1)
 
     def __post_init__(self):
         if self.size < 1:
@@ -55,7 +59,7 @@ class ViewSpec:
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
-        for name in ("flip_p", "jitter_p", "grey_p", "blur_p", "solarize_p"):
+        for name in ("flip_p", "jitter_p", "grey_p", "blur_p", "solarize_p", "noise_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -69,7 +73,8 @@ def draw_view_params(spec: ViewSpec, n: int, gen: torch.Generator) -> Dict[str, 
     """Per-sample random parameters of ``n`` views of kind ``spec`` (CPU float64/bool tensors).
 
     The draws happen in a fixed order and always all of them, so the generator advances by
-    the same amount whatever the probabilities.
+    the same amount whatever the probabilities; views with noise (``noise_p > 0``) draw its
+    parameters last (a noise seed per sample), so views without noise draw exactly as before.
     """
     area = _uniform(n, spec.scale[0], spec.scale[1], gen)
     log_r = _uniform(n, math.log(spec.ratio[0]), math.log(spec.ratio[1]), gen)
@@ -90,7 +95,24 @@ def draw_view_params(spec: ViewSpec, n: int, gen: torch.Generator) -> Dict[str, 
              blur=torch.rand(n, generator=gen) < spec.blur_p,
              sigma=_uniform(n, *spec.blur_sigma, gen) * spec.size / spec.blur_reference,
              solarize=torch.rand(n, generator=gen) < spec.solarize_p)
+    if spec.noise_p > 0:
+        p["noise"] = torch.rand(n, generator=gen) < spec.noise_p
+        p["noise_std"] = _uniform(n, *spec.noise_std, gen)
+        p["noise_seed"] = torch.randint(0, 2**62, (n,), generator=gen)
     return p
+
+
+def add_noise(x: torch.Tensor, p: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gaussian noise of per-sample std ``p['noise_std']`` where ``p['noise']``, each sample's from
+    its own seed (so a sample's noise does not depend on which rank or batch row it is in)."""
+    idx = torch.nonzero(p["noise"], as_tuple=False).flatten()
+    if idx.numel() == 0:
+        return x
+    noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(p["noise_seed"][i])))
+                         for i in idx.tolist()]).to(device=x.device, dtype=x.dtype)
+    std = p["noise_std"][idx].to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    dev_idx = idx.to(x.device)
+    return x.index_copy(0, dev_idx, (x.index_select(0, dev_idx) + std * noise).clamp(0, 1))
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -189,38 +211,32 @@ def apply_view(images: torch.Tensor, spec: ViewSpec, p: Dict[str, torch.Tensor])
         x = gaussian_blur(x, p["sigma"], p["blur"])
     if spec.solarize_p > 0:
         x = torch.where(_mask(p["solarize"], x) & (x >= 0.5), 1.0 - x, x)
+    if spec.noise_p > 0:
+        x = add_noise(x, p)
     return x
 
 
-class MultiCrop:
-    """DINO's multi-crop: two global views (blur 1.0; blur 0.1 + solarise 0.2) and ``n_local`` local views.
+class ViewSet:
+    """Views of a batch from a list of :class:`ViewSpec`, drawn view by view from one generator.
 
     Args:
-        global_size: side of the global crops.
-        local_size: side of the local crops.
-        n_local: number of local crops (0 for two views only).
-        global_scale: area range of the global crops (DINO: 0.4-1).
-        local_scale: area range of the local crops (DINO: 0.05-0.4).
+        specs: one spec per view, in output order.
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
-        flip_p: horizontal-flip probability (0 for data whose meaning changes under a flip).
-        jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)``.
-        jitter_p, grey_p: probabilities of colour jitter and grayscale.
+        n_global: how many leading views are "global" (methods that feed only some views to a
+            teacher read it); default all.
+
+    Example:
+        >>> views = ViewSet([ViewSpec(32, (0.2, 1.0), blur_p=1.0), ViewSpec(32, (0.2, 1.0), solarize_p=0.2)])
+        >>> v1, v2 = views(torch.rand(8, 3, 32, 32), torch.Generator().manual_seed(0))
     """
 
-    def __init__(self, global_size: int, local_size: int, n_local: int,
-                 global_scale: Tuple[float, float] = (0.4, 1.0), local_scale: Tuple[float, float] = (0.05, 0.4),
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 flip_p: float = 0.5, jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-                 jitter_p: float = 0.8, grey_p: float = 0.2):
-        if n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {n_local}")
-        common = dict(flip_p=flip_p, jitter=jitter, jitter_p=jitter_p, grey_p=grey_p)
-        self.specs: List[ViewSpec] = [
-            ViewSpec(global_size, tuple(global_scale), blur_p=1.0, **common),
-            ViewSpec(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2, **common),
-        ] + [ViewSpec(local_size, tuple(local_scale), blur_p=0.5, **common)] * n_local
-        self.n_global = 2
+    def __init__(self, specs: Sequence[ViewSpec], mean: Sequence[float] = (0.5, 0.5, 0.5),
+                 std: Sequence[float] = (0.5, 0.5, 0.5), n_global: Optional[int] = None):
+        if not specs:
+            raise ValueError("specs must hold at least one ViewSpec")
+        self.specs: List[ViewSpec] = list(specs)
+        self.n_global = len(self.specs) if n_global is None else n_global
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -249,7 +265,8 @@ class MultiCrop:
             total: number of samples to draw parameters for (the global batch); default ``b``.
 
         Returns:
-            ``n_views`` normalised tensors: 2 global ``[b, 3, G, G]`` then local ``[b, 3, L, L]``.
+            ``n_views`` normalised tensors ``[b, 3, S_v, S_v]`` in the order of the specs
+            (for :class:`MultiCrop`: 2 global ``[b, 3, G, G]`` then local ``[b, 3, L, L]``).
         """
         total = images.shape[0] if total is None else total
         rows = slice(0, total) if rows is None else rows
@@ -263,8 +280,39 @@ class MultiCrop:
         return out
 
     def eval_view(self, images: torch.Tensor) -> torch.Tensor:
-        """The un-augmented image resized to the global size and normalised (for evaluation)."""
+        """The un-augmented image resized to the first view's size and normalised (for evaluation)."""
         size = self.specs[0].size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self.normalize(images)
+
+
+class MultiCrop(ViewSet):
+    """DINO's multi-crop: two global views (blur 1.0; blur 0.1 + solarise 0.2) and ``n_local`` local views.
+
+    Args:
+        global_size: side of the global crops.
+        local_size: side of the local crops.
+        n_local: number of local crops (0 for two views only).
+        global_scale: area range of the global crops (DINO: 0.4-1).
+        local_scale: area range of the local crops (DINO: 0.05-0.4).
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        flip_p: horizontal-flip probability (0 for data whose meaning changes under a flip).
+        jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)``.
+        jitter_p, grey_p: probabilities of colour jitter and grayscale.
+    """
+
+    def __init__(self, global_size: int, local_size: int, n_local: int,
+                 global_scale: Tuple[float, float] = (0.4, 1.0), local_scale: Tuple[float, float] = (0.05, 0.4),
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 flip_p: float = 0.5, jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+                 jitter_p: float = 0.8, grey_p: float = 0.2):
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        common = dict(flip_p=flip_p, jitter=jitter, jitter_p=jitter_p, grey_p=grey_p)
+        self.specs: List[ViewSpec] = [
+            ViewSpec(global_size, tuple(global_scale), blur_p=1.0, **common),
+            ViewSpec(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2, **common),
+        ] + [ViewSpec(local_size, tuple(local_scale), blur_p=0.5, **common)] * n_local
+        super().__init__(self.specs, mean, std, n_global=2)

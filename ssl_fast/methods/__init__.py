@@ -1,7 +1,10 @@
 """Self-supervised methods behind one interface (:class:`SSLMethod`) and a registry."""
 from ssl_fast.methods.base import (Batch, MethodContext, OptimConfig, SSLMethod, create_method, get_method,
                                    list_methods, register_method)
-from ssl_fast.methods.dino import DINO, MultiCropWrapper
+from ssl_fast.methods.dino import DINO, DINOConfig, MultiCropWrapper
+from ssl_fast.methods.byol import BYOL, BYOLConfig
+from ssl_fast.methods.simsiam import SimSiam, SimSiamConfig
+from ssl_fast.methods.care import CARE, CAREConfig
 
-__all__ = ["Batch", "DINO", "MethodContext", "MultiCropWrapper", "OptimConfig", "SSLMethod", "create_method",
-           "get_method", "list_methods", "register_method"]
+__all__ = ["BYOL", "BYOLConfig", "Batch", "CARE", "CAREConfig", "DINO", "DINOConfig", "MethodContext", "MultiCropWrapper", "OptimConfig",
+           "SSLMethod", "SimSiam", "SimSiamConfig", "create_method", "get_method", "list_methods", "register_method"]

@@ -19,7 +19,14 @@ import copy
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Type, TypeVar
 
+from ssl_fast._argtypes import number
+
 T = TypeVar("T")
+
+#: argparse types shared by several methods' options (a flag two methods share must use one object)
+PROBABILITY = number(float, 0, 1)
+MOMENTUM = number(float, 0, 1)
+POSITIVE_INT = number(int, 1)
 
 
 def option(default: Any, help: str, type: Optional[Callable[[str], Any]] = None, choices=None,

@@ -17,7 +17,7 @@ from torch import nn
 from ssl_fast._argtypes import number
 from ssl_fast.data.augment import MultiCrop
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
-from ssl_fast.methods.config import config_from_options, option
+from ssl_fast.methods.config import PROBABILITY, config_from_options, option
 from ssl_fast.models import create_model
 from ssl_fast.models.heads import DINOHead
 from ssl_fast.nn import DINOLoss, MomentumTeacher
@@ -85,7 +85,7 @@ class DINOConfig:
                                             "default 3/7 of the global size)", number(int, 1))
     global_crops_scale: tuple = option((0.4, 1.0), "area range of global crops, lo,hi", crop_scale)
     local_crops_scale: tuple = option((0.05, 0.4), "area range of local crops, lo,hi", crop_scale)
-    flip_p: float = option(0.5, "horizontal-flip probability", number(float, 0, 1))
+    flip_p: float = option(0.5, "horizontal-flip probability", PROBABILITY)
     momentum_teacher: float = option(0.996, "base teacher momentum (cosine to 1)", number(float, 0, 1))
     teacher_temp: float = option(0.04, "teacher temperature after warm-up", number(float, 0, lo_open=True))
     warmup_teacher_temp: float = option(0.04, "initial teacher temperature", number(float, 0, lo_open=True))
@@ -171,6 +171,12 @@ class DINO(SSLMethod):
         patch = getattr(backbone, "patch_size", 1)
         g = c.global_crop_size if c.global_crop_size is not None else ctx.image_size
         loc = c.local_crop_size if c.local_crop_size is not None else max(patch, (g * 3 // 7) // patch * patch)
+        if getattr(backbone, "fixed_input_size", False):
+            # position tables sized for one input (BoTNet): every crop must have that size
+            if c.local_crops and loc != g:
+                raise ValueError(f"--arch {ctx.arch} takes one input size only, so --local-crop-size ({loc}) must "
+                                 f"equal --global-crop-size ({g}), or pass --local-crops 0")
+            backbone = create_model(ctx.arch, drop_path_rate=c.drop_path, img_size=g)
         for name, size in (("global crop size", g), ("local crop size", loc)):
             if size < patch or size % patch:
                 raise ValueError(f"{name} {size} px does not fit the patch size {patch} of {ctx.arch}: "

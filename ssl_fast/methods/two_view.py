@@ -1,0 +1,115 @@
+"""What the two-view methods (BYOL, SimSiam, CARE) share: their view options, the views, and the
+evaluation of a CNN backbone. Each method keeps its own defaults in its own config class."""
+import argparse
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ssl_fast._argtypes import number
+from ssl_fast.data.augment import ViewSet, ViewSpec
+from ssl_fast.methods.base import MethodContext
+from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY, option
+from ssl_fast.methods.dino import crop_scale
+
+
+def _numbers(count: int, lo: float, hi: Optional[float]):
+    """argparse type of ``count`` comma-separated numbers in ``[lo, hi]``."""
+    one = number(float, lo, hi)
+
+    def parse(text) -> tuple:
+        if isinstance(text, (tuple, list)):
+            return tuple(float(v) for v in text)
+        parts = str(text).replace(",", " ").split()
+        if len(parts) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        return tuple(one(p) for p in parts)
+
+    parse.__name__ = f"{count} numbers"
+    return parse
+
+
+PROBABILITY_PAIR = _numbers(2, 0, 1)
+JITTER = _numbers(4, 0, None)
+
+
+@dataclass
+class TwoViewConfig:
+    """Heads and views of a two-view method. Defaults: BYOL's ImageNet recipe (Grill et al. 2020,
+    Table 6): view 1 always blurred, view 2 rarely blurred and sometimes solarised."""
+    proj_hidden_dim: int = option(4096, "projector hidden width", POSITIVE_INT)
+    proj_dim: int = option(256, "projection width", POSITIVE_INT)
+    pred_hidden_dim: int = option(4096, "predictor hidden width", POSITIVE_INT)
+    crop_size: Optional[int] = option(None, "view side in pixels (default the image size)", POSITIVE_INT)
+    crops_scale: tuple = option((0.08, 1.0), "area range of the random resized crops, lo,hi", crop_scale)
+    flip_p: float = option(0.5, "horizontal-flip probability", PROBABILITY)
+    jitter: tuple = option((0.4, 0.4, 0.2, 0.1), "colour-jitter strengths brightness,contrast,saturation,hue", JITTER)
+    jitter_p: float = option(0.8, "colour-jitter probability", PROBABILITY)
+    grey_p: float = option(0.2, "grayscale probability", PROBABILITY)
+    blur_p: tuple = option((1.0, 0.1), "Gaussian-blur probability of view 1,view 2", PROBABILITY_PAIR)
+    solarize_p: tuple = option((0.0, 0.2), "solarisation probability of view 1,view 2", PROBABILITY_PAIR)
+    noise_p: float = option(0.0, "probability of additive Gaussian noise", PROBABILITY)
+    noise_std: float = option(0.1, "largest std of the Gaussian noise (drawn in [0, this])", number(float, 0))
+
+
+def two_views(c: TwoViewConfig, ctx: MethodContext) -> ViewSet:
+    """The two augmented views of ``c`` at ``c.crop_size`` (default the stored image size)."""
+    size = c.crop_size or ctx.image_size
+    specs = [ViewSpec(size, tuple(c.crops_scale), flip_p=c.flip_p, jitter=tuple(c.jitter), jitter_p=c.jitter_p,
+                      grey_p=c.grey_p, blur_p=c.blur_p[v], solarize_p=c.solarize_p[v], noise_p=c.noise_p,
+                      noise_std=(0.0, c.noise_std)) for v in range(2)]
+    return ViewSet(specs, ctx.mean, ctx.std)
+
+
+def batchnorm_in_train_mode(module: nn.Module) -> None:
+    """Eval mode (no dropout, no drop-path) except BatchNorm, which normalises with the batch's
+    statistics: the target network of BYOL and CARE, run as the official code runs it."""
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+
+
+class Encoder(nn.Module):
+    """Backbone + projector: ``[B, 3, H, W] -> [B, proj_dim]`` (the target network's shape too)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+class OnlineNetwork(nn.Module):
+    """Encoder + predictor: ``x -> (z, p)``, the projection and the prediction."""
+
+    def __init__(self, encoder: Encoder, predictor: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.predictor(z)
+
+
+@torch.no_grad()
+def eval_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``backbone(x)`` in eval mode (BatchNorm with running statistics), its mode restored after."""
+    was = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        return backbone(x)
+    finally:
+        for m, mode in was:
+            m.training = mode
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """``num_features`` of a registered backbone."""
+    if not hasattr(backbone, "num_features"):
+        raise ValueError(f"backbone {type(backbone).__name__} has no num_features: it is not a feature extractor")
+    return int(backbone.num_features)
