@@ -4,7 +4,9 @@ A :class:`Case` is one (op, shape, mode) with several providers, timed side by s
 process; ratios are speed-ups against the case's baseline provider (``baseline_ms / ms``).
 CUDA timings use ``triton.testing.do_bench`` (L2 flushed between runs); CPU timings use warm-up
 then repeated ``perf_counter`` timing. Peak memory is CUDA's ``max_memory_allocated`` above the
-memory held before the provider ran (not measured on the CPU).
+memory held before the provider ran; on the CPU it is measured only where the function that
+``make()`` returns carries its own figure as a ``peak_mb`` attribute. A ``note`` attribute on that
+function (e.g. an equality check's outcome) is recorded with the row.
 """
 import csv
 import datetime
@@ -84,6 +86,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> List[Result]:
             continue
         try:
             fn = p.make()
+            r.note = getattr(fn, "note", "")
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -93,6 +96,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> List[Result]:
                 r.peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
                 r.p20, r.p50, r.p80 = time_cuda(fn)
             else:
+                r.peak_mb = getattr(fn, "peak_mb", float("nan"))
                 r.p20, r.p50, r.p80 = time_cpu(fn, budget_s=0.5 if quick else 2.0,
                                                min_reps=3 if quick else 5)
         except Exception as exc:  # a provider failing must not hide the others' figures
