@@ -33,7 +33,9 @@ namespace {
 // loops calling it: y = n ln 2 + r with ln 2 in two parts, e^r by the degree-6 polynomial of the
 // Cephes library's expf (S. L. Moshier), 2^n built in the exponent field (n <= 127).
 inline float exp_pos(float y) {
-  const float n = std::floor(y * 1.44269504088896341f + 0.5f);
+  // n = round(y / ln 2) by the 1.5 * 2^23 trick: std::floor keeps GCC from vectorising the
+  // loops under the default -ftrapping-math
+  const float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

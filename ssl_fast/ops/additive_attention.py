@@ -22,17 +22,22 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _reasons(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Why ``backend`` cannot serve tensors on ``device`` (of ``dtype``, when given)."""
+    if backend == "triton":
+        why = list(triton_reasons(device))
+        if dtype is not None and dtype not in _TRITON_DTYPES:
+            why.append(f"the Triton kernels take float32/float16/bfloat16 inputs, got {dtype}")
+        return why
+    if backend == "cpp":
+        return cpp_reasons("additive_attention_fwd", device) or cpp_reasons("additive_attention_bwd", device)
+    return []
+
+
 def reasons(backend: str, a: torch.Tensor, Ua: torch.Tensor, Wh: torch.Tensor, w: torch.Tensor,
             mask: Optional[torch.Tensor] = None) -> List[str]:
     """Why ``backend`` cannot serve :func:`additive_attention` for these (valid) inputs."""
-    if backend == "triton":
-        why = list(triton_reasons(a.device))
-        if a.dtype not in _TRITON_DTYPES:
-            why.append(f"the Triton kernels take float32/float16/bfloat16 inputs, got {a.dtype}")
-        return why
-    if backend == "cpp":
-        return cpp_reasons("additive_attention_fwd", a.device) or cpp_reasons("additive_attention_bwd", a.device)
-    return []
+    return _reasons(backend, a.device, a.dtype)
 
 
 @torch.library.custom_op("ssl_fast::additive_attention_fwd", mutates_args=())
