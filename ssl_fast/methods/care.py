@@ -138,6 +138,9 @@ class CARE(SSLMethod):
                              "needs at least 2x2 (use larger images)")
         transformer = BoTStack(ch3, sizes[2], dim_out=ch4, proj_factor=c.t_proj_factor, num_layers=c.t_layers,
                                heads=c.t_heads, dim_head=c.t_dim_head, downsample=sizes[3] != sizes[2])
+        # the official ResNet's init loop re-initialises the stack (the last BNs' gamma 1, not 0): with a
+        # zero gamma the attention branch would get no gradient in the first step
+        transformer.reset_parameters_as_care_resnet()
         self.student = CAREOnline(
             CAREEncoder(backbone, transformer, care_mlp(ch4, c.proj_hidden_dim, c.proj_dim),
                         care_mlp(ch4, c.proj_hidden_dim, c.proj_dim)),
