@@ -4,7 +4,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from ssl_fast.data import ImageSet, load_dataset, load_digits
-from ssl_fast.data.cluttered_digits import NO_CLUTTER, Clutter, load_cluttered_digits, render_cluttered
+from ssl_fast.data.cluttered_digits import NO_CLUTTER, STRONG_CLUTTER, Clutter, load_cluttered_digits, render_cluttered
 
 
 def _digits(n=24, seed=0):
@@ -65,7 +65,9 @@ def test_background_misleads_raw_pixel_knn():
 
     cluttered = acc(tr, te)
     fg = acc(ImageSet(tr.images * tr.masks, tr.labels), ImageSet(te.images * te.masks, te.labels))
-    assert cluttered < 25.0 < 50.0 < fg, (cluttered, fg)
+    strong = acc(*load_cluttered_digits(clutter=STRONG_CLUTTER))
+    # measured: 32.9% cluttered, 66.6% with the background masked out, 12-14% with STRONG_CLUTTER
+    assert strong < 20.0 < cluttered < 40.0 < 55.0 < fg, (strong, cluttered, fg)
 
 
 def test_bad_input_names_the_argument():

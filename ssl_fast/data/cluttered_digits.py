@@ -32,6 +32,11 @@ from ssl_fast.data.datasets import ImageSet, stratified_split
 class Clutter:
     """How strong each background layer is.
 
+    The defaults keep the digit the brightest thing in the image (fragments at 25-50% intensity,
+    texture and grating below 0.45 together) while the background fills ~88% of the pixels: on
+    the shared host, raw-pixel k-NN (k=20, cosine) falls from 62% (same digits, no background)
+    to 33%, and a small supervised CNN still reaches 78% in 30 epochs, so the digits stay learnable.
+
     Attributes:
         digit_scale: range of the foreground digit's side as a fraction of the canvas side.
         texture: peak amplitude of the colour texture (0 disables it).
@@ -46,14 +51,14 @@ class Clutter:
         noise: standard deviation of the Gaussian pixel noise.
     """
     digit_scale: Tuple[float, float] = (0.5, 0.75)
-    texture: float = 0.55
+    texture: float = 0.35
     texture_cells: int = 5
-    grating: float = 0.2
+    grating: float = 0.1
     grating_cycles: Tuple[float, float] = (1.5, 5.0)
-    fragments: int = 5
+    fragments: int = 3
     fragment_scale: Tuple[float, float] = (0.45, 0.8)
     fragment_crop: Tuple[float, float] = (0.45, 0.8)
-    fragment_intensity: Tuple[float, float] = (0.5, 0.95)
+    fragment_intensity: Tuple[float, float] = (0.25, 0.5)
     noise: float = 0.04
 
     def __post_init__(self):
@@ -72,6 +77,9 @@ class Clutter:
 
 #: No background at all: the digits alone at the same positions, scales and colours (a control).
 NO_CLUTTER = Clutter(texture=0.0, grating=0.0, fragments=0, noise=0.0)
+#: A much stronger background (5 bright fragments, strong texture): raw-pixel k-NN is at chance,
+#: and a small supervised CNN trained on the 1,437 training images reaches only 16% in 15 epochs.
+STRONG_CLUTTER = Clutter(texture=0.55, grating=0.2, fragments=5, fragment_intensity=(0.5, 0.95))
 
 
 def _uniform(shape, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:

@@ -61,7 +61,10 @@ def spectral_residual(images: torch.Tensor, width: int = 64, sigma: float = 2.5,
     The paper's recipe (its MATLAB listing), per image:
 
     1. grey image ``I`` (``0.2989 R + 0.5870 G + 0.1140 B``), resized so its width is ``width``
-       (64 in the paper; here bilinear with antialiasing, MATLAB uses bicubic);
+       (64 in the paper; here bilinear with antialiasing, MATLAB uses bicubic). Narrower images
+       are kept at their own size: upsampled ones have empty high frequencies, which the
+       whitening of step 3 turns into ringing along the image border (on 32-pixel cluttered
+       digits upsampled to 64 the peak was on the border in every image);
     2. ``F = FFT2(I)``, log amplitude ``L = log(|F| + eps)`` (``eps`` only keeps flat images
        finite), phase ``P = angle(F)``;
     3. spectral residual ``R = L - h_3 * L``, ``h_3`` the 3x3 average filter with replicated borders;
@@ -89,6 +92,7 @@ def spectral_residual(images: torch.Tensor, width: int = 64, sigma: float = 2.5,
     b, c, h, w = images.shape
     x = images.double()
     grey = (x * x.new_tensor(_GREY).view(1, 3, 1, 1)).sum(1, keepdim=True) if c == 3 else x
+    width = min(width, w)  # never upsample: empty high frequencies would dominate the whitened spectrum
     wh = (max(1, int(round(h * width / w))), width)
     if (h, w) != wh:
         grey = F.interpolate(grey, size=wh, mode="bilinear", align_corners=False, antialias=True)
