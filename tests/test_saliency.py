@@ -177,3 +177,24 @@ def test_bad_input_names_the_argument(tmp_path):
         spectral_residual(torch.rand(2, 8, 8))
     with pytest.raises(TypeError, match="images must be floating"):
         spectral_residual(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_lookup_finds_rows_by_content():
+    from ssl_fast.data.saliency import SaliencyLookup
+
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.rand(50, 3, 8, 8, generator=g)
+    imgs[7] = imgs[8]  # duplicates: either row is right, both have this saliency here
+    sal = torch.rand(50, 1, 8, 8, generator=g)
+    sal[7] = sal[8]
+    lookup = SaliencyLookup(imgs, sal)
+    idx = torch.randperm(50, generator=g)[:20]
+    rows = lookup.rows_of(imgs[idx])
+    assert torch.equal(imgs[rows], imgs[idx])
+    torch.testing.assert_close(lookup(imgs[idx]), (sal[idx] * 255).round() / 255)
+    changed = imgs[idx].clone()
+    changed[2, 0, 0, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"batch images \[2\] equal no image"):
+        lookup(changed)
+    with pytest.raises(ValueError, match="saliency must be"):
+        SaliencyLookup(imgs, sal[:3])

@@ -281,3 +281,68 @@ def compute_saliency(images: torch.Tensor, source: str, *, data_name: str = "dat
         torch.save({"key": {**key, "size": list(key["size"])}, "saliency": sal}, tmp)
         os.replace(tmp, path)
     return sal.to(images.device).float() / 255.0
+
+
+class SaliencyLookup:
+    """The cached saliency of a batch's images, found by content (no row indices needed).
+
+    The trainer hands a method only ``images[idx]`` of its device copy of the training set; this
+    finds each batch image's row: a float64 random projection of every image (a key) is looked
+    up among the data set's sorted keys, and the row is then confirmed by exact equality of the
+    pixels, so a wrong match is impossible; an image that is not in the set raises.
+
+    Args:
+        images: ``[N, 3, H, W]`` the data set's images, on the device batches come from (the
+            tensor is kept by reference, not copied).
+        saliency: ``[N, 1, H, W]`` in [0, 1] (e.g. from :func:`compute_saliency`); stored as uint8
+            on the images' device.
+
+    Example:
+        >>> imgs = torch.rand(10, 3, 8, 8)
+        >>> lookup = SaliencyLookup(imgs, torch.rand(10, 1, 8, 8))
+        >>> lookup.rows_of(imgs[[3, 1]]).tolist()
+        [3, 1]
+    """
+
+    def __init__(self, images: torch.Tensor, saliency: torch.Tensor):
+        _check_images(images)
+        n, _, h, w = images.shape
+        if not isinstance(saliency, torch.Tensor) or tuple(saliency.shape) != (n, 1, h, w):
+            raise ValueError(f"saliency must be [{n}, 1, {h}, {w}] like the images, got "
+                             f"{tuple(saliency.shape) if isinstance(saliency, torch.Tensor) else type(saliency).__name__}")
+        self.images = images
+        self.saliency = _quantise(saliency).to(images.device)
+        g = torch.Generator().manual_seed(0x5A11E)
+        self._proj = torch.randn(images[0].numel(), dtype=torch.float64, generator=g).to(images.device)
+        keys = torch.cat([self._keys(images[i:i + 1024]) for i in range(0, n, 1024)])
+        self._sorted, self._order = keys.sort()
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).double() @ self._proj
+
+    def rows_of(self, batch: torch.Tensor) -> torch.Tensor:
+        """Row in the data set of each image of ``batch [b, 3, H, W]`` (int64, on the images' device).
+
+        Raises:
+            ValueError: a batch image equal to no image of the data set (augmented, or another set).
+        """
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1:] != self.images.shape[1:]:
+            raise ValueError(f"batch must be [b, {', '.join(str(s) for s in self.images.shape[1:])}], got "
+                             f"{tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__}")
+        batch = batch.to(self.images.device)
+        key = self._keys(batch)
+        pos = torch.searchsorted(self._sorted, key).clamp(1, len(self._sorted) - 1)
+        nearer_left = (key - self._sorted[pos - 1]).abs() <= (self._sorted[pos] - key).abs()
+        pos = torch.where(nearer_left, pos - 1, pos)
+        rows = self._order[pos]
+        same = (self.images[rows] == batch).reshape(batch.shape[0], -1).all(1)
+        if not bool(same.all()):
+            bad = torch.nonzero(~same).flatten()[:5].tolist()
+            raise ValueError(f"batch images {bad} equal no image of the data set (the lookup needs the stored, "
+                             "un-augmented images; augment after looking the saliency up)")
+        return rows
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[b, 1, H, W]`` float32 saliency of ``batch``'s images, on their device."""
+        rows = self.rows_of(batch)
+        return (self.saliency[rows].float() / 255.0).to(batch.device)
