@@ -11,6 +11,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the available backends and kernels, and why others are not")
     add_pretrain_parser(sub)
+    from ssl_fast.train.compare import add_compare_parser
+
+    add_compare_parser(sub)
+    from ssl_fast.tasks.captioning.cli import add_caption_parser
+
+    add_caption_parser(sub)
     return parser
 
 
@@ -21,10 +27,18 @@ def main(argv=None) -> int:
         from ssl_fast.info import main as info_main
 
         return info_main()
+    if args.command == "compare":
+        from ssl_fast.train.compare import run_compare
+
+        return run_compare(args, parser._subparsers._group_actions[0].choices["compare"])
     if args.command == "pretrain":
         from ssl_fast.train.cli import run_pretrain
 
         return run_pretrain(args, parser._subparsers._group_actions[0].choices["pretrain"])
+    if args.command == "caption":
+        from ssl_fast.tasks.captioning.cli import run_caption
+
+        return run_caption(args, parser._subparsers._group_actions[0].choices["caption"])
     return 2
 
 

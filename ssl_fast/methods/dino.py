@@ -21,6 +21,7 @@ from ssl_fast.methods.config import PROBABILITY, config_from_options, option
 from ssl_fast.models import create_model
 from ssl_fast.models.heads import DINOHead
 from ssl_fast.nn import DINOLoss, MomentumTeacher
+from ssl_fast.train.distributed import all_reduce_mean
 
 
 class MultiCropWrapper(nn.Module):
@@ -244,7 +245,7 @@ class DINO(SSLMethod):
         with torch.no_grad():
             probs = torch.softmax((teacher_out.float() - self.loss_fn.center) / tau, dim=-1)
             ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).mean()
-            marg = probs.mean(0)
+            marg = all_reduce_mean(probs.mean(0))  # the global batch's mean, whatever the world size
             marg_ent = -(marg * torch.log(marg.clamp_min(1e-30))).sum()
         loss = self.loss_fn(student_out, teacher_out, epoch)
         return {"loss": loss, "teacher_temp": tau, "teacher_entropy": ent.detach(),

@@ -1,0 +1,134 @@
+"""``ssl-fast compare``: several methods on the same data and budget, one table and one bar chart.
+
+Each method trains with its own preset for the data (``--epochs``/``--batch-size`` override every
+method alike), into ``<out>/<method>/``, one after the other in this process; a method whose
+folder already holds a finished run of the same settings is resumed (so nothing is trained
+twice). The table gives held-out k-NN and linear-probe accuracy beside the baselines every
+method shares: random init of that method's backbone, and raw pixels.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+from ssl_fast._argtypes import number
+from ssl_fast.methods import list_methods
+from ssl_fast.train.config import EVAL_SPLITS, TrainConfig, data_name, resolve_config
+
+COLUMNS = ["method", "arch", "epochs", "train_time_s", "knn_top1", "linear_top1", "knn_random_init",
+           "linear_random_init", "knn_raw_pixels", "linear_raw_pixels"]
+
+
+def add_compare_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``compare`` subcommand to an argparse sub-parser collection."""
+    p = sub.add_parser("compare", help="train several methods on the same data; print one table and a bar chart",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default="dino,byol,simsiam,care",
+                   help=f"comma-separated methods, of: {', '.join(list_methods())}")
+    p.add_argument("--data", default="digits", help="as for pretrain")
+    p.add_argument("--epochs", type=number(int, 1), default=None, help="epochs for every method (default: each preset's)")
+    p.add_argument("--batch-size", type=number(int, 1), default=None, help="global batch for every method")
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-split", default="test", choices=EVAL_SPLITS, help="as for pretrain")
+    p.add_argument("--out", default=None, help="output folder (default runs/compare-<data>)")
+    return p
+
+
+def _methods(text: str) -> List[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in list_methods()]
+    if not names or unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(list_methods())}")
+    return names
+
+
+def write_table(out: str, rows: List[Dict[str, Any]], title: str) -> str:
+    """Write ``compare.csv``, ``compare.json`` and ``compare.png``; return the table as text."""
+    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["| method | backbone | epochs | training time (s) | k-NN % | linear % | k-NN random init % | k-NN raw pixels % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['arch']} | {r['epochs']} | {r['train_time_s']:.0f} | {pct(r['knn_top1'])} | "
+                     f"{pct(r['linear_top1'])} | {pct(r['knn_random_init'])} | {pct(r['knn_raw_pixels'])} |")
+    from ssl_fast.train.plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["knn_top1"] or 0 for r in rows], 0.4, label="k-NN")
+    ax.bar([x + 0.2 for x in xs], [r["linear_top1"] or 0 for r in rows], 0.4, label="linear probe")
+    if rows:
+        ax.axhline(rows[0]["knn_raw_pixels"], color="k", ls="--", lw=1, label="raw pixels (k-NN)")
+    for x, r in zip(xs, rows):
+        ax.plot([x - 0.4, x + 0.4], [r["knn_random_init"]] * 2, color="r", lw=1.5,
+                label="random init (k-NN)" if x == 0 else None)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['method']}\n{r['arch']}" for r in rows])
+    lo = min([r["knn_random_init"] for r in rows] + [r["knn_top1"] or 100 for r in rows] + [100]) - 5
+    ax.set_ylim(max(0, lo), 100)
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def run_compare(args: argparse.Namespace, parser=None) -> int:
+    """Run the ``compare`` command; returns the exit status (2 for bad arguments)."""
+    from ssl_fast.train.cli import check_out_folder
+    from ssl_fast.train.trainer import NonFiniteLossError, Trainer
+
+    def fail(msg: str) -> int:
+        if parser is not None:
+            parser.error(msg)
+        print(f"ssl-fast compare: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        methods = _methods(args.methods)
+    except ValueError as e:
+        return fail(str(e))
+    out = args.out or os.path.join("runs", f"compare-{data_name(args.data)}")
+    problem = check_out_folder(out)
+    if problem:
+        return fail(problem)
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for m in methods:
+        cfg = TrainConfig(method=m, data=args.data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                          device=args.device, eval_split=args.eval_split, out=os.path.join(out, m))
+        try:
+            cfg = resolve_config(cfg)
+        except ValueError as e:
+            return fail(f"{m}: {e}")
+        if os.path.isfile(os.path.join(cfg.out, "checkpoint.pth")):
+            cfg.resume = "auto"
+        try:
+            trainer = Trainer(cfg)
+            summary = trainer.fit()
+        except (ValueError, FileNotFoundError) as e:
+            return fail(f"{m}: {e}")
+        except NonFiniteLossError as e:
+            print(f"ssl-fast compare: {m} stopped: {e}", file=sys.stderr)
+            continue
+        train_s = sum(r["epoch_time_s"] for r in trainer.history["epochs"])
+        rows.append({"method": m, "arch": cfg.arch, "epochs": summary["epochs_done"], "train_time_s": train_s,
+                     **{k: summary.get(k) for k in COLUMNS[4:]}})
+    table = write_table(out, rows, f"{data_name(args.data)} ({args.eval_split} split), seed {args.seed}")
+    print(table)
+    print(f"written: {out}/compare.csv, compare.json, compare.png")
+    return 0
