@@ -19,10 +19,15 @@ Backward, with ``gc = dL/dcontext`` and ``galpha = dL/dalpha``:
 - ``_bwd_a_kernel``, grid ``(B, cdiv(L, BLOCK_L))``: one read of ``a`` gives
   ``grad_a = alpha_l gc`` and ``dalpha_l = galpha_l + a_l . gc`` (float32 buffer ``[B, L]``).
 - ``_bwd_ua_kernel``, grid ``(B, cdiv(A, BLOCK_A))``: ``delta = sum_l alpha_l dalpha_l`` from the
-  row's ``[L]`` buffers, then over tiles of ``L``: ``de = alpha (dalpha - delta)``, ``t``
+  row's ``[L]`` buffers, then over tiles of ``L``: ``de = alpha (dalpha - delta)`` (at the row's
+  largest alpha minus the sum of the others, equal as ``sum_l de = 0`` but without the
+  cancellation of ``dalpha - delta`` as alpha -> 1), ``t
   recomputed from ``Ua`` and ``Wh``, ``grad_Ua = de w (1 - t^2)`` written, and the column sums
-  ``grad_Wh[b] = sum_l grad_Ua`` and ``sum_l de t`` (row ``b``'s share of ``grad_w``) kept in
-  registers; the launcher adds the ``B`` shares of ``grad_w`` in a fixed order (no atomics).
+  ``sum_l de (t_0^2 - t_l^2)`` and ``sum_l de t`` (row ``b``'s share of ``grad_w``) kept in
+  registers; ``grad_Wh[b] = w sum_l de (t_0^2 - t_l^2)`` equals ``sum_l grad_Ua`` because
+  ``sum_l de = 0``, without its cancellation (the direct sum loses 1e-4 in float32 where the
+  ``t_l^2`` are alike). The launcher adds the ``B`` shares of ``grad_w`` in a fixed order (no
+  atomics).
 
 ``tanh`` is ``x + x^3 P(x^2)`` for ``|x| < 0.625`` (the odd polynomial of Cephes' tanhf, no
 cancellation near 0) and ``sign(x) (1 - 2 / (exp(2|x|) + 1))`` above (exactly +-1 for large
@@ -76,7 +81,7 @@ def _row_softmax_stats(e_ptr, b, L, L_P2: tl.constexpr):
     m = tl.max(e, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.exp(e - m), axis=0)
-    inv = tl.where(s == 0.0, 0.0, 1.0 / s)
+    inv = tl.where(s == 0.0, 0.0, 1.0 / tl.where(s == 0.0, 1.0, s))
     return m, inv
 
 
@@ -104,7 +109,7 @@ def _context_kernel(a_ptr, e_ptr, alpha_ptr, ctx_ptr, L, D,
 
 @triton.jit
 def _bwd_a_kernel(a_ptr, gc_ptr, galpha_ptr, alpha_ptr, ga_ptr, dalpha_ptr, L, D,
-                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                  WRITE_GA: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     in_l = offs_l < L
@@ -118,8 +123,9 @@ def _bwd_a_kernel(a_ptr, gc_ptr, galpha_ptr, alpha_ptr, ga_ptr, dalpha_ptr, L, D
         gc = tl.load(gc_ptr + b * D + offs_d, mask=in_d, other=0.0).to(tl.float32)
         x = tl.load(a_ptr + rows + offs_d[None, :], mask=tile, other=0.0).to(tl.float32)
         dot += tl.sum(x * gc[None, :], axis=1)
-        tl.store(ga_ptr + rows + offs_d[None, :], (p[:, None] * gc[None, :]).to(ga_ptr.dtype.element_ty),
-                 mask=tile)
+        if WRITE_GA:
+            tl.store(ga_ptr + rows + offs_d[None, :], (p[:, None] * gc[None, :]).to(ga_ptr.dtype.element_ty),
+                     mask=tile)
     galpha = tl.load(galpha_ptr + b * L + offs_l, mask=in_l, other=0.0).to(tl.float32)
     tl.store(dalpha_ptr + b * L + offs_l, galpha + dot, mask=in_l)
 
@@ -131,10 +137,16 @@ def _bwd_ua_kernel(ua_ptr, wh_ptr, w_ptr, alpha_ptr, dalpha_ptr, gua_ptr, gwh_pt
     offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = offs_a < A
     offs = tl.arange(0, L_P2)
-    delta = tl.sum(tl.load(alpha_ptr + b * L + offs, mask=offs < L, other=0.0)
-                   * tl.load(dalpha_ptr + b * L + offs, mask=offs < L, other=0.0), axis=0)
+    p_row = tl.load(alpha_ptr + b * L + offs, mask=offs < L, other=0.0)
+    dp_row = tl.load(dalpha_ptr + b * L + offs, mask=offs < L, other=0.0)
+    delta = tl.sum(p_row * dp_row, axis=0)
+    # de at the largest alpha is minus the sum of the others (sum_l de_l = 0): no cancellation
+    top = tl.argmax(p_row, axis=0)
+    de_top = -tl.sum(tl.where(offs == top, 0.0, p_row * (dp_row - delta)), axis=0)
     h = tl.load(wh_ptr + b * A + offs_a, mask=in_a, other=0.0).to(tl.float32)
     wv = tl.load(w_ptr + offs_a, mask=in_a, other=0.0).to(tl.float32)
+    t0 = _tanh(tl.load(ua_ptr + b * L * A + offs_a, mask=in_a, other=0.0).to(tl.float32) + h)
+    t0sq = t0 * t0
     gwh = tl.zeros([BLOCK_A], tl.float32)
     gw = tl.zeros([BLOCK_A], tl.float32)
     for start in range(0, L, BLOCK_L):
@@ -143,15 +155,15 @@ def _bwd_ua_kernel(ua_ptr, wh_ptr, w_ptr, alpha_ptr, dalpha_ptr, gua_ptr, gwh_pt
         tile = in_l[:, None] & in_a[None, :]
         p = tl.load(alpha_ptr + b * L + offs_l, mask=in_l, other=0.0)
         dp = tl.load(dalpha_ptr + b * L + offs_l, mask=in_l, other=0.0)
-        de = p * (dp - delta)
+        de = tl.where(offs_l == top, de_top, p * (dp - delta))
         ptrs = (b * L + offs_l)[:, None] * A + offs_a[None, :]
         u = tl.load(ua_ptr + ptrs, mask=tile, other=0.0).to(tl.float32)
         t = _tanh(u + h[None, :])
         g = de[:, None] * wv[None, :] * (1.0 - t * t)
         tl.store(gua_ptr + ptrs, g.to(gua_ptr.dtype.element_ty), mask=tile)
-        gwh += tl.sum(g, axis=0)
+        gwh += tl.sum(de[:, None] * (t0sq[None, :] - t * t), axis=0)
         gw += tl.sum(de[:, None] * t, axis=0)
-    tl.store(gwh_ptr + b * A + offs_a, gwh.to(gwh_ptr.dtype.element_ty), mask=in_a)
+    tl.store(gwh_ptr + b * A + offs_a, (wv * gwh).to(gwh_ptr.dtype.element_ty), mask=in_a)
     tl.store(gw_rows_ptr + b * A + offs_a, gw, mask=in_a)
 
 
@@ -176,20 +188,22 @@ def forward(a: torch.Tensor, Ua: torch.Tensor, Wh: torch.Tensor, w: torch.Tensor
 
 
 def backward(grad_context: torch.Tensor, grad_alpha: torch.Tensor, a: torch.Tensor, Ua: torch.Tensor,
-             Wh: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor):
-    """``(grad_a, grad_Ua, grad_Wh, grad_w)`` in the inputs' dtypes; ``alpha`` float32 from :func:`forward`."""
+             Wh: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, need_grad_a: bool = True):
+    """``(grad_a, grad_Ua, grad_Wh, grad_w)`` in the inputs' dtypes; ``alpha`` float32 from :func:`forward`;
+    ``grad_a`` is an empty ``[0]`` tensor when ``need_grad_a`` is False."""
     B, L, D = a.shape
     A = Ua.shape[2]
     grad_context = grad_context.contiguous()
     grad_alpha = grad_alpha.to(torch.float32).contiguous()
-    grad_a = torch.empty_like(a)
+    grad_a = torch.empty_like(a) if need_grad_a else a.new_empty((0,))
     grad_Ua = torch.empty_like(Ua)
     grad_Wh = torch.empty_like(Wh)
     dalpha = torch.empty((B, L), device=a.device, dtype=torch.float32)
     gw_rows = torch.empty((B, A), device=a.device, dtype=torch.float32)
     block_l, block_a, block_d = _blocks(L, 32), _blocks(A, 128), _blocks(D, 128)
     _bwd_a_kernel[(B, triton.cdiv(L, block_l))](
-        a, grad_context, grad_alpha, alpha, grad_a, dalpha, L, D, BLOCK_L=block_l, BLOCK_D=block_d)
+        a, grad_context, grad_alpha, alpha, grad_a if need_grad_a else dalpha, dalpha, L, D, WRITE_GA=need_grad_a,
+        BLOCK_L=block_l, BLOCK_D=block_d)
     _bwd_ua_kernel[(B, triton.cdiv(A, block_a))](
         Ua, Wh, w, alpha, dalpha, grad_Ua, grad_Wh, gw_rows, L, A,
         L_P2=triton.next_power_of_2(L), BLOCK_L=block_l, BLOCK_A=block_a)

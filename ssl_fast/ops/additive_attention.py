@@ -60,20 +60,23 @@ def _fwd_fake(a, Ua, Wh, w, mask, backend):
 
 @torch.library.custom_op("ssl_fast::additive_attention_bwd", mutates_args=())
 def _bwd(grad_context: torch.Tensor, grad_alpha: torch.Tensor, a: torch.Tensor, Ua: torch.Tensor,
-         Wh: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
+         Wh: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, need_grad_a: bool,
          backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a, Ua, Wh, w; with ``need_grad_a=False`` the first is an empty ``[0]`` tensor
+    (a frozen encoder's features: ``[B, L, D]`` neither written nor allocated)."""
     if backend == "triton":
         from ssl_fast.kernels import additive_attention as kernel
 
-        return kernel.backward(grad_context, grad_alpha, a, Ua, Wh, w, alpha)
+        return kernel.backward(grad_context, grad_alpha, a, Ua, Wh, w, alpha, need_grad_a)
     if backend == "cpp":
-        return tuple(torch.ops.ssl_fast_C.additive_attention_bwd(grad_context, grad_alpha, a, Ua, Wh, w, alpha))
-    return additive_attention_backward(grad_context, grad_alpha, a, Ua, Wh, w, alpha)
+        return tuple(torch.ops.ssl_fast_C.additive_attention_bwd(grad_context, grad_alpha, a, Ua, Wh, w, alpha,
+                                                                 need_grad_a))
+    return additive_attention_backward(grad_context, grad_alpha, a, Ua, Wh, w, alpha, need_grad_a)
 
 
 @_bwd.register_fake
-def _bwd_fake(grad_context, grad_alpha, a, Ua, Wh, w, alpha, backend):
-    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+def _bwd_fake(grad_context, grad_alpha, a, Ua, Wh, w, alpha, need_grad_a, backend):
+    return (torch.empty_like(a, memory_format=torch.contiguous_format) if need_grad_a else a.new_empty((0,)),
             torch.empty_like(Ua, memory_format=torch.contiguous_format),
             torch.empty_like(Wh, memory_format=torch.contiguous_format),
             torch.empty_like(w, memory_format=torch.contiguous_format))
@@ -96,7 +99,7 @@ def _backward(ctx, grad_context, grad_alpha):
     if grad_alpha is None:
         grad_alpha = torch.zeros_like(alpha)
     grads = torch.ops.ssl_fast.additive_attention_bwd(grad_context.contiguous(), grad_alpha.contiguous(),
-                                                      a, Ua, Wh, w, alpha, ctx.backend)
+                                                      a, Ua, Wh, w, alpha, ctx.needs_input_grad[0], ctx.backend)
     grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])]
     return (*grads, None, None)
 
