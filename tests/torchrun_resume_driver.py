@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node=2``: a tiny DINO run on digits.
 
-Usage: ``torchrun ... torchrun_resume_driver.py OUT RESULT [--kill EPOCH STEP] [--resume]``.
+Usage: ``torchrun ... torchrun_resume_driver.py OUT RESULT [--kill EPOCH STEP] [--resume] [--method NAME]``.
+``--method`` (default dino) runs another method on ``resnet_mini`` with small heads instead.
 ``--kill`` ends every rank with SIGKILL before that (0-based) step, as a killed job would end;
 otherwise rank 0 saves the steps, the method's state and the optimizer's state to RESULT.
 """
@@ -37,6 +38,14 @@ def main(argv):
                       resume="auto" if "--resume" in argv else None,
                       options=dict(out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, local_crops=2,
                                    global_crop_size=16, local_crop_size=8, drop_path=0.1, head_bn=1))
+
+    method = argv[argv.index("--method") + 1] if "--method" in argv else "dino"
+    if method != "dino":
+        small = dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=16)
+        if method == "care":
+            small.update(t_layers=1, t_heads=2, t_dim_head=8)
+        cfg = TrainConfig(**{**cfg.__dict__, "method": method, "arch": "resnet_mini", "image_size": 16,
+                             "options": small})
 
     def hook(epoch, step, images):
         if kill == (epoch, step):
