@@ -58,9 +58,10 @@ class StepSpec:
     options: Dict = field(default_factory=dict)
     amp: bool = False
     cuda_only: bool = False
+    detail: str = ""  # heads, T-stream: shown in the shape column
 
     def describe(self) -> str:
-        return (f"{self.label}: {self.arch} {self.image_size}px B{self.batch} "
+        return (f"{self.label}: {self.arch} {self.image_size}px B{self.batch} {self.detail + ' ' if self.detail else ''}"
                 f"{'bf16 autocast' if self.amp else 'float32'}")
 
 
@@ -338,18 +339,26 @@ def step_cases(op: str, build: Callable[..., StepPair], specs: List[StepSpec], d
     return cases
 
 
-def _byol_options(preset: str) -> Dict:
-    from ssl_fast.methods.byol import BYOL
+def heads_detail(config) -> str:
+    """``heads <projector hidden>/<projection>/<predictor hidden>`` of a two-view config."""
+    return f"heads {config.proj_hidden_dim}/{config.proj_dim}/{config.pred_hidden_dim}"
 
-    return dict(BYOL.presets[preset].get("options", {}))
+
+def _byol_spec(label: str, arch: str, size: int, batch: int, preset: str, **kwargs) -> StepSpec:
+    from ssl_fast.methods.byol import BYOL, BYOLConfig
+    from ssl_fast.methods.config import config_from_options
+
+    options = dict(BYOL.presets[preset].get("options", {}))
+    detail = heads_detail(config_from_options(BYOLConfig, options))
+    return StepSpec(label, arch, size, batch, options, detail=detail, **kwargs)
 
 
 def specs(device: torch.device, quick: bool) -> List[StepSpec]:
     """The digits preset, a larger CPU shape (not with ``quick``), and the CUDA ResNet-50 case."""
-    cpu = [StepSpec("digits preset", "resnet_mini", 16, 64, _byol_options("digits"))]
+    cpu = [_byol_spec("digits preset", "resnet_mini", 16, 64, "digits")]
     if not quick:
-        cpu.append(StepSpec("cifar", "resnet18_cifar", 32, 64, _byol_options("default")))
-    gpu = StepSpec("imagenet", "resnet50", 224, 64, {}, amp=True, cuda_only=True)
+        cpu.append(_byol_spec("cifar", "resnet18_cifar", 32, 64, "default"))
+    gpu = _byol_spec("imagenet", "resnet50", 224, 64, "default", amp=True, cuda_only=True)
     return [gpu] if device.type == "cuda" else cpu + [gpu]
 
 

@@ -35,14 +35,14 @@ blocks x 4 heads x 16 on layer3's 4x4 map) and, without ``--quick``, ResNet-50 a
 import copy
 import importlib.util
 import os
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cases.byol_step import (StepPair, StepSpec, autocast_for, eager_backbone, lightly_momentum_update,
-                                        make_views, method_step, new_method, sgd, step_cases)
+from benchmarks.cases.byol_step import (StepPair, StepSpec, autocast_for, eager_backbone, heads_detail,
+                                        lightly_momentum_update, make_views, method_step, new_method, sgd, step_cases)
 from ssl_fast.models.bot_stack import convert_official_state_dict
 
 _OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -153,18 +153,24 @@ def build_care(spec: StepSpec, device: torch.device, amp: bool) -> StepPair:
     return StepPair(fused, eager, method, online)
 
 
-def _care_options(preset: str) -> Dict:
-    from ssl_fast.methods.care import CARE
+def _care_spec(label: str, arch: str, size: int, batch: int, preset: str, **kwargs) -> StepSpec:
+    from ssl_fast.methods.care import CARE, CAREConfig
+    from ssl_fast.methods.config import config_from_options
 
-    return dict(CARE.presets[preset].get("options", {}))
+    options = dict(CARE.presets[preset].get("options", {}))
+    c = config_from_options(CAREConfig, options)
+    stride = 4 if arch == "resnet_mini" or arch.endswith("_cifar") else 16  # layer3's stride
+    detail = (f"{heads_detail(c)} T {c.t_layers}x({c.t_heads}x{c.t_dim_head}) on "
+              f"{size // stride}x{size // stride}")
+    return StepSpec(label, arch, size, batch, options, detail=detail, **kwargs)
 
 
 def specs(device: torch.device, quick: bool) -> List[StepSpec]:
     """The digits preset, ResNet-50 at 64 px (not with ``quick``), and the CUDA ResNet-50 case."""
-    cpu = [StepSpec("digits preset", "resnet_mini", 16, 64, _care_options("digits"))]
+    cpu = [_care_spec("digits preset", "resnet_mini", 16, 64, "digits")]
     if not quick:
-        cpu.append(StepSpec("cpu-large", "resnet50", 64, 8, {}))
-    gpu = StepSpec("imagenet", "resnet50", 224, 64, {}, amp=True, cuda_only=True)
+        cpu.append(_care_spec("cpu-large", "resnet50", 64, 8, "default"))
+    gpu = _care_spec("imagenet", "resnet50", 224, 64, "default", amp=True, cuda_only=True)
     return [gpu] if device.type == "cuda" else cpu + [gpu]
 
 
