@@ -32,7 +32,7 @@ def test_scene_boxes_hold_their_digit_and_captions_match():
     outside all boxes the canvas is black, and the caption's relation matches the box geometry."""
     from sklearn.datasets import load_digits
 
-    s = make_scenes(60, "test", seed=1, image_size=48, digit_size=14)
+    s = make_scenes(60, "test", seed=1, image_size=48, digit_size=14, readings="both")
     digits = load_digits()
     for img, refs, boxes in zip(s.images, s.references, s.boxes):
         assert img.shape == (3, 48, 48) and 0 <= img.min() and img.max() <= 1
@@ -63,6 +63,14 @@ def test_scene_boxes_hold_their_digit_and_captions_match():
         assert all(e < s2 for e, s2 in zip(ends[:-1], starts[1:]))
         rel = ("left", "of") if horizontal else ("above",)
         assert fwd == sum((["a", d] + (list(rel) if i < len(names) - 1 else []) for i, d in enumerate(names)), [])
+
+
+def test_scenes_default_is_one_reading_in_reading_order():
+    s = make_scenes(30, "val", seed=2)
+    b = make_scenes(30, "val", seed=2, readings="both")
+    assert s.images.shape == (30, 3, 32, 32) and torch.equal(s.images, b.images)
+    assert all(len(r) == 1 and r[0] == rb[0] for r, rb in zip(s.references, b.references))
+    assert {w for r in s.references for w in r[0]} <= {"a", "left", "of", "above", *map(str, range(10))}
 
 
 def test_scenes_refuse_bad_sizes():
@@ -275,3 +283,139 @@ def test_localisation():
     assert localisation(words, [al], boxes, grid, size, object_words=digits)["hits"] == 1
     # by default the object words are those of the boxes: the 5 is not one
     assert localisation(words, [al], boxes, grid, size)["object_words"] == 2
+
+
+# ---- pre-trained encoders ---------------------------------------------------------------------
+def test_encoder_from_a_pretrain_checkpoint(tmp_path):
+    """The backbone of an ssl-fast pretrain (DINO) checkpoint: the teacher's weights, loaded by name."""
+    from ssl_fast.methods import MethodContext, create_method
+    from ssl_fast.tasks.captioning.encoder import load_pretrained_backbone
+    from ssl_fast.train.checkpoint import CheckpointError
+
+    ctx = MethodContext(arch="vit_nano_p4", epochs=1, steps_per_epoch=1, global_batch_size=8, image_size=32)
+    dino = create_method("dino", ctx)
+    with torch.no_grad():  # make the teacher differ from the student
+        for p in dino.teacher_backbone.parameters():
+            p.add_(1.0)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 0, "config": {"arch": "vit_nano_p4"}, "method": dino.state_dict(), "optimizer": {},
+                "rng": {}}, path)
+    bb, arch = load_pretrained_backbone(str(tmp_path), image_size=32)
+    assert arch == "vit_nano_p4"
+    for (n, p), (_, q) in zip(bb.state_dict().items(), dino.teacher_backbone.state_dict().items()):
+        assert torch.equal(p, q), n
+    # a larger image size: the position embeddings are resized, the rest loads
+    bb48, _ = load_pretrained_backbone(str(path), image_size=48)
+    assert bb48.pos_embed.shape[1] == 1 + 12 * 12
+    torch.save({"method": {"student.backbone.x": torch.zeros(1)}, "config": {"arch": "vit_nano_p4"}}, path)
+    with pytest.raises(CheckpointError, match="holds no vit_nano_p4 backbone"):
+        load_pretrained_backbone(str(path), image_size=32)
+
+
+# ---- the task: resume, CLI ---------------------------------------------------------------------
+def _tiny_cfg(out, **kw):
+    from ssl_fast.tasks.captioning.task import CaptionConfig
+
+    base = dict(n_train=48, n_val=8, n_test=8, batch_size=16, epochs=2, embed_dim=8, decoder_dim=16,
+                attention_dim=8, examples=2, out=str(out), log_every=1)
+    base.update(kw)
+    return CaptionConfig(**base)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stopped after epoch 1 and resumed, a run ends with the same weights, optimizer state,
+    losses and test scores as an uninterrupted one (dropout on, so the RNG state matters)."""
+    import io
+
+    from ssl_fast.tasks.captioning.task import CaptionTask
+
+    full = CaptionTask(_tiny_cfg(tmp_path / "a", dropout=0.5), stream=io.StringIO())
+    s_full = full.fit()
+    part = CaptionTask(_tiny_cfg(tmp_path / "b", dropout=0.5, stop_after_epochs=1), stream=io.StringIO())
+    assert part.fit()["epochs_done"] == 1
+    res = CaptionTask(_tiny_cfg(tmp_path / "b", dropout=0.5, resume="auto"), stream=io.StringIO())
+    assert res.start_epoch == 1
+    s_res = res.fit()
+    for (n, p), (_, q) in zip(full.model.state_dict().items(), res.model.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert full.history["steps"] == res.history["steps"]
+    assert repr(s_full["test"]) == repr(s_res["test"])  # repr: NaN localisation when no digit is named
+    for k, v in full.optimizer.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg"], res.optimizer.state_dict()["state"][k]["exp_avg"])
+    # an uninterrupted run without --resume refuses to overwrite the earlier checkpoint
+    with pytest.raises(ValueError, match="already holds"):
+        CaptionTask(_tiny_cfg(tmp_path / "b"), stream=io.StringIO())
+
+
+def _cli_error(argv, capsys):
+    from ssl_fast.__main__ import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["caption", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("ssl-fast caption: error: ") and err[1] == "run 'ssl-fast caption --help' for the options"
+    return err[0]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--beam-width", "0"], r"argument --beam-width: must be an integer >= 1, got '0'"),
+    (["--epochs", "x"], r"argument --epochs: must be an integer >= 1, got 'x'"),
+    (["--fine-tune-from", "-1"], r"argument --fine-tune-from: must be a stage number >= 0 or 'none', got '-1'"),
+    (["--device", "tpu9"], r"argument --device: unknown device 'tpu9'"),
+    (["--data", "coco"], r"argument --data: must be 'scenes' or 'karpathy:<json>:<image folder>', got 'coco'"),
+    (["--lr", "0"], r"argument --lr: must be a finite number > 0, got '0'"),
+    (["--alpha-c", "nan"], r"argument --alpha-c: must be a finite number >= 0, got 'nan'"),
+    (["--feature-stage", "5"], r"argument --feature-stage: must be an integer >= 1 and <= 4, got '5'"),
+    (["--backbone", "resnet9000"], r"--backbone: unknown architecture 'resnet9000'"),
+])
+def test_cli_argument_errors(argv, match, capsys):
+    import re
+
+    assert re.search(match, _cli_error(argv, capsys))
+
+
+def test_cli_errors_after_parsing(tmp_path, capsys):
+    import re
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert re.search(r"--out '.*file' is a file, not a folder", _cli_error(["--out", str(f)], capsys))
+    assert re.search(r"--resume checkpoint '.*nope.pth' does not exist",
+                     _cli_error(["--out", str(tmp_path / "o"), "--resume", str(tmp_path / "nope.pth"),
+                                 "--scenes", "8", "4", "4"], capsys))
+    assert re.search(r"--checkpoint checkpoint '.*nope' does not exist",
+                     _cli_error(["--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "nope"),
+                                 "--scenes", "8", "4", "4"], capsys))
+    assert re.search(r"--data: Karpathy split file '.*missing.json' does not exist",
+                     _cli_error(["--out", str(tmp_path / "o"), "--data", f"karpathy:{tmp_path}/missing.json:{tmp_path}"],
+                                capsys))
+    assert re.search(r"--fine-tune-from: fine_tune_from must be 0..3",
+                     _cli_error(["--out", str(tmp_path / "o"), "--fine-tune-from", "4", "--scenes", "8", "4", "4"],
+                                capsys))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    """A tiny run of ``ssl-fast caption`` on the scenes writes its logs, checkpoint and figures;
+    then one on a Karpathy-layout fixture with a frozen ViT encoder."""
+    from ssl_fast.__main__ import main as cli_main
+
+    out = tmp_path / "run"
+    assert cli_main(["caption", "--scenes", "48", "8", "8", "--epochs", "1", "--batch-size", "16",
+                     "--decoder-dim", "16", "--examples", "2", "--beam-width", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "test (beam 2): BLEU-1" in text and "attention localisation" in text
+    log = json.loads((out / "log.json").read_text())
+    assert set(log["test"]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "localisation", "beam_width"}
+    assert log["epochs"][0]["epoch"] == 1 and "val_bleu4" in log["epochs"][0]
+    for name in ("attention.png", "examples/example_000.png", "examples/example_001.png", "metrics.csv",
+                 "steps.csv", "curves.png", "checkpoint.pth"):
+        assert (out / name).is_file(), name
+    path, folder = _karpathy_fixture(tmp_path)
+    out2 = tmp_path / "run2"
+    assert cli_main(["caption", "--data", f"karpathy:{path}:{folder}", "--image-size", "16", "--backbone",
+                     "vit_nano_p4", "--fine-tune-from", "none", "--epochs", "1", "--batch-size", "2",
+                     "--decoder-dim", "16", "--examples", "1", "--out", str(out2)]) == 0
+    log = json.loads((out2 / "log.json").read_text())
+    assert "localisation" not in log["test"] and log["vocab_size"] > 4

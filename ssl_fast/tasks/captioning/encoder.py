@@ -105,8 +105,8 @@ class Encoder(nn.Module):
 
     def _cnn_map(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        if hasattr(bb, "forward_stem"):
-            x = bb.forward_stem(x)
+        if hasattr(bb, "_stem"):  # ssl_fast's ResNets: run only the stages used
+            x = bb._stem(x)
             for i in range(1, self.stage + 1):
                 x = getattr(bb, f"layer{i}")(x)
             return x

@@ -143,6 +143,13 @@ class Captioner(nn.Module):
         encoder: an :class:`~ssl_fast.tasks.captioning.encoder.Encoder`.
         vocab_size: words, including the four special tokens.
         image_size: side of the (square) input images.
+        word_head: a linear classifier on the max-pooled annotation vectors that predicts which
+            words the image's caption holds (the ``words`` term of :meth:`loss`). Not in the
+            paper: it gives a randomly initialised encoder a direct signal; without it the
+            decoder first learns the language alone and the image features catch up slowly.
+        pos_embed: add a learned position embedding ``[L, D]`` to the annotation vectors of a CNN
+            encoder (a ViT's tokens carry their own). Not in the paper: CNN features say what is
+            at a position but hardly where it is, which relations such as "left of" need.
         **decoder_kw: :class:`Decoder` options (``embed_dim``, ``decoder_dim``,
             ``attention_dim``, ``dropout``).
 
@@ -155,23 +162,30 @@ class Captioner(nn.Module):
         ['loss', 'reg', 'xent']
     """
 
-    def __init__(self, encoder: Encoder, vocab_size: int, image_size: int, **decoder_kw):
+    def __init__(self, encoder: Encoder, vocab_size: int, image_size: int, pos_embed: bool = False,
+                 word_head: bool = False, **decoder_kw):
         super().__init__()
         self.encoder = encoder
         dim, self.grid = encoder.out_dim(image_size)
         self.image_size = image_size
         self.decoder = Decoder(vocab_size, dim, **decoder_kw)
+        self.pos_embed = None
+        if pos_embed and encoder.kind == "cnn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.word_head = nn.Linear(dim, vocab_size) if word_head else None
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> annotation vectors ``[B, L, D]``."""
+    def encode(self, images: torch.Tensor, raw: bool = False):
+        """``[B, 3, H, W]`` -> annotation vectors ``[B, L, D]`` (and the encoder's own, with ``raw``)."""
         feats, grid = self.encoder(images)
         if grid != self.grid:
             raise ValueError(f"images of {tuple(images.shape[-2:])} give a {grid} feature grid; this captioner "
                              f"was built for {self.image_size}-px images ({self.grid})")
-        return feats
+        out = feats if self.pos_embed is None else feats + self.pos_embed.to(feats.dtype)
+        return (out, feats) if raw else out
 
     def loss(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, lam: float,
-             repeats: int = 1) -> Dict[str, torch.Tensor]:
+             repeats: int = 1, word_weight: float = 0.0, n_special: int = 4) -> Dict[str, torch.Tensor]:
         """Teacher-forced loss of a batch.
 
         Args:
@@ -179,11 +193,24 @@ class Captioner(nn.Module):
             captions, lengths: ``[N * repeats, T]``, ``[N * repeats]``: ``repeats`` captions per
                 image, image-major (the encoder runs once per image).
             lam: weight of the doubly stochastic regulariser.
+            word_weight: weight of the word-presence loss (needs ``word_head``): the binary
+                cross-entropy of the head's logits against which of the non-special words
+                (ids ``>= n_special``) the image's captions hold.
 
         Returns:
-            ``{"loss", "xent", "reg"}`` (scalars; ``loss = xent + reg``).
+            ``{"loss", "xent", "reg", "words"}`` (scalars; ``loss = xent + reg + word_weight * words``).
         """
-        feats = self.encode(images)
+        feats, raw = self.encode(images, raw=True)
+        words = feats.new_zeros(())
+        if word_weight > 0:
+            if self.word_head is None:
+                raise ValueError("word_weight > 0 needs a Captioner built with word_head=True")
+            present = torch.zeros(images.shape[0], self.decoder.vocab_size, device=feats.device)
+            present.view(-1)[(torch.arange(captions.shape[0], device=feats.device) // repeats)[:, None]
+                             * self.decoder.vocab_size + captions.to(feats.device)] = 1.0
+            present[:, :n_special] = 0.0
+            logits = self.word_head(raw.amax(dim=1))[:, n_special:]
+            words = F.binary_cross_entropy_with_logits(logits.float(), present[:, n_special:])
         if repeats > 1:
             feats = feats.repeat_interleave(repeats, dim=0)
         logits, alphas = self.decoder(feats, captions, lengths)
@@ -191,4 +218,5 @@ class Captioner(nn.Module):
         valid = torch.arange(targets.shape[1], device=logits.device)[None] < (lengths.to(logits.device) - 1)[:, None]
         xent = F.cross_entropy(logits[valid].float(), targets[valid])
         reg = doubly_stochastic(alphas.float(), lam)
-        return {"loss": xent + reg, "xent": xent.detach(), "reg": reg.detach()}
+        return {"loss": xent + reg + word_weight * words, "xent": xent.detach(), "reg": reg.detach(),
+                "words": words.detach()}

@@ -5,11 +5,12 @@ The digits are scikit-learn's 8x8 handwritten digits (shipped with scikit-learn,
 classes in a row (left to right) or a column (top to bottom), their boxes separated along that
 axis and overlapping across it, so the relation between neighbours is unambiguous. The grammar:
 
-* row: ``a 3 left of a 7`` (also ``a 7 right of a 3``); three digits:
-  ``a 3 left of a 7 left of a 5`` (also ``a 5 right of a 7 right of a 3``);
-* column: ``a 3 above a 7`` (also ``a 7 below a 3``), and the three-digit chains alike.
+* row: ``a 3 left of a 7``; three digits: ``a 3 left of a 7 left of a 5``;
+* column: ``a 3 above a 7``; three digits: ``a 3 above a 7 above a 5``.
 
-Every scene's references are both readings; the true box of each named digit is kept. Scenes are
+The caption reads the digits in order (left to right, top to bottom); ``readings="both"`` adds
+the backward reading (``a 7 right of a 3``) as a second reference. The true box of each named
+digit is kept. Scenes are
 a pure function of ``(seed, split)``: train scenes use the digits' training images, val and test
 scenes two disjoint halves of the held-out images (handwriting never seen in training).
 Nothing is stored: the generator ships, not the images.
@@ -81,8 +82,8 @@ def caption_for(digits: Sequence[int], axis: int) -> Tuple[List[str], List[str]]
     return chain(list(digits), fwd), chain(list(digits)[::-1], bwd)
 
 
-def make_scenes(n: int, split: str = "train", seed: int = 0, image_size: int = 48, digit_size: int = 14,
-                min_digits: int = 2, max_digits: int = 3) -> CaptionSet:
+def make_scenes(n: int, split: str = "train", seed: int = 0, image_size: int = 32, digit_size: int = 10,
+                min_digits: int = 2, max_digits: int = 3, readings: str = "forward") -> CaptionSet:
     """Generate ``n`` scenes of one split; deterministic in ``(seed, split)`` and the sizes.
 
     Args:
@@ -92,12 +93,16 @@ def make_scenes(n: int, split: str = "train", seed: int = 0, image_size: int = 4
         image_size: canvas side in pixels.
         digit_size: side each digit is drawn at (bicubic from 8x8).
         min_digits, max_digits: digits per scene, drawn uniformly in this range (2..3 by default).
+        readings: ``forward`` (one caption in reading order: left to right, top to bottom) or
+            ``both`` (also the backward reading, ``a 7 right of a 3``, as a second reference).
 
     Returns:
-        A :class:`CaptionSet` with images ``[n, 3, image_size, image_size]`` in [0, 1], two
-        references per scene and ``boxes[i]`` = ``[(digit word, (x0, y0, x1, y1)), ...]`` in the
+        A :class:`CaptionSet` with images ``[n, 3, image_size, image_size]`` in [0, 1], one or
+        two references per scene and ``boxes[i]`` = ``[(digit word, (x0, y0, x1, y1)), ...]`` in the
         caption's forward order, ends exclusive.
     """
+    if readings not in ("forward", "both"):
+        raise ValueError(f"readings must be 'forward' or 'both', got {readings!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(n, int) or n < 0:
@@ -130,16 +135,18 @@ def make_scenes(n: int, split: str = "train", seed: int = 0, image_size: int = 4
             region = canvas[i, y0:y0 + s, x0:x0 + s]
             np.maximum(region, img, out=region)
             scene_boxes.append((str(d), (x0, y0, x0 + s, y0 + s)))
-        refs.append(list(caption_for(digits, axis)))
+        fwd, bwd = caption_for(digits, axis)
+        refs.append([fwd, bwd] if readings == "both" else [fwd])
         boxes.append(scene_boxes)
     images = torch.from_numpy(canvas)[:, None].expand(-1, 3, -1, -1).contiguous()
     return CaptionSet(references=refs, images=images, boxes=boxes,
                       name=f"digit-scenes-{split} ({n} scenes, {image_size}px, seed {seed})")
 
 
-def load_scenes(n_train: int = 4000, n_val: int = 500, n_test: int = 500, seed: int = 0, image_size: int = 48,
-                digit_size: int = 14, min_digits: int = 2, max_digits: int = 3
+def load_scenes(n_train: int = 4000, n_val: int = 500, n_test: int = 500, seed: int = 0, image_size: int = 32,
+                digit_size: int = 10, min_digits: int = 2, max_digits: int = 3, readings: str = "forward"
                 ) -> Tuple[CaptionSet, CaptionSet, CaptionSet]:
     """The three splits of the embedded scenes (see :func:`make_scenes`)."""
-    kw = dict(seed=seed, image_size=image_size, digit_size=digit_size, min_digits=min_digits, max_digits=max_digits)
+    kw = dict(seed=seed, image_size=image_size, digit_size=digit_size, min_digits=min_digits, max_digits=max_digits,
+              readings=readings)
     return (make_scenes(n_train, "train", **kw), make_scenes(n_val, "val", **kw), make_scenes(n_test, "test", **kw))

@@ -42,24 +42,28 @@ SCENES = "scenes"
 class CaptionConfig:
     """A captioning run; the defaults are tuned on the embedded scenes' validation split.
 
-    ``None`` fields take the data's default (:func:`resolve`): for the scenes 48-px images,
-    ``resnet_mini`` and two captions per image; for Karpathy data 224-px images, ``resnet18``
-    and five captions per image (the tutorial's ``captions_per_image``).
+    ``None`` fields take the data's default (:func:`resolve`): for the scenes 32-px images with
+    10-px digits, ``resnet_mini``'s ``layer3`` (an 8x8 grid) and two captions per image; for
+    Karpathy data 224-px images, ``resnet18``'s ``layer4`` and five captions per image (the
+    tutorial's ``captions_per_image``).
     """
     data: str = SCENES
     backbone: Optional[str] = None
     checkpoint: Optional[str] = None
-    feature_stage: int = 4
+    feature_stage: Optional[int] = None
+    pos_embed: bool = True
+    word_weight: Optional[float] = None
     fine_tune_from: Optional[int] = 0
     image_size: Optional[int] = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3
+    digit_size: Optional[int] = None
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 3e-3
     min_lr: float = 1e-5
     warmup_epochs: float = 0.5
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
-    alpha_c: float = 0.02
+    alpha_c: float = 0.005
     embed_dim: int = 64
     decoder_dim: int = 256
     attention_dim: int = 128
@@ -84,7 +88,7 @@ class CaptionConfig:
 
 
 # fields whose change alters the model's shape or the data: a checkpoint must agree on them
-SHAPE_FIELDS = ("data", "backbone", "feature_stage", "fine_tune_from", "image_size", "embed_dim", "decoder_dim",
+SHAPE_FIELDS = ("data", "backbone", "feature_stage", "pos_embed", "word_weight", "digit_size", "fine_tune_from", "image_size", "embed_dim", "decoder_dim",
                 "attention_dim", "max_len", "min_word_count", "n_train", "data_seed", "batch_size", "captions_per_image")
 
 
@@ -93,11 +97,17 @@ def resolve(cfg: CaptionConfig) -> CaptionConfig:
     scenes = cfg.data == SCENES
     d = asdict(cfg)
     if d["image_size"] is None:
-        d["image_size"] = 48 if scenes else 224
+        d["image_size"] = 32 if scenes else 224
+    if d["digit_size"] is None and scenes:
+        d["digit_size"] = max(4, d["image_size"] * 5 // 16)
+    if d["word_weight"] is None:
+        d["word_weight"] = 1.0 if scenes and cfg.fine_tune_from is not None else 0.0
+    if d["feature_stage"] is None:
+        d["feature_stage"] = 3 if scenes else 4
     if d["backbone"] is None and cfg.checkpoint is None:
         d["backbone"] = "resnet_mini" if scenes else "resnet18"
     if d["captions_per_image"] is None:
-        d["captions_per_image"] = 2 if scenes else 5
+        d["captions_per_image"] = 1 if scenes else 5
     return CaptionConfig(**d)
 
 
@@ -122,7 +132,8 @@ def load_caption_data(cfg: CaptionConfig) -> Tuple[CaptionSet, CaptionSet, Capti
     if cfg.data == SCENES:
         from ssl_fast.tasks.captioning.scenes import load_scenes
 
-        return load_scenes(cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.data_seed, image_size=cfg.image_size)
+        return load_scenes(cfg.n_train, cfg.n_val, cfg.n_test, seed=cfg.data_seed, image_size=cfg.image_size,
+                           digit_size=cfg.digit_size)
     from ssl_fast.tasks.captioning.karpathy import load_karpathy, parse_spec
 
     path, folder = parse_spec(cfg.data)
@@ -170,7 +181,8 @@ class CaptionTask:
         encoder = Encoder(backbone, stage=cfg.feature_stage, fine_tune_from=cfg.fine_tune_from, mean=mean, std=std)
         self.model = Captioner(encoder, len(self.vocab), cfg.image_size, embed_dim=cfg.embed_dim,
                                decoder_dim=cfg.decoder_dim, attention_dim=cfg.attention_dim,
-                               dropout=cfg.dropout).to(self.device)
+                               dropout=cfg.dropout, pos_embed=cfg.pos_embed,
+                               word_head=cfg.word_weight > 0).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() > 1]
         no_decay = [p for p in params if p.dim() <= 1]
@@ -261,7 +273,7 @@ class CaptionTask:
         self.model.train()
         perm = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed_of(cfg.seed, epoch, 1)))
         gen = np.random.default_rng(seed_of(cfg.seed, epoch, 2))
-        sums = {"loss": 0.0, "xent": 0.0, "reg": 0.0}
+        sums = {"loss": 0.0, "xent": 0.0, "reg": 0.0, "words": 0.0}
         t0 = time.perf_counter()
         for step in range(steps):
             it = epoch * steps + step
@@ -272,7 +284,7 @@ class CaptionTask:
             images = self.train_set.get_images(idx).to(self.device)
             caps, lengths = self.vocab.batch(self._pick_captions(idx, gen), cfg.max_len)
             out = self.model.loss(images, caps.to(self.device), lengths.to(self.device), cfg.alpha_c,
-                                  repeats=cfg.captions_per_image)
+                                  repeats=cfg.captions_per_image, word_weight=cfg.word_weight)
             loss = out["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,14 +296,15 @@ class CaptionTask:
             if not math.isfinite(vals["loss"]):
                 raise FloatingPointError(f"non-finite loss ({vals['loss']}) at epoch {epoch + 1}, step {step + 1}; "
                                          "lower --lr; the last checkpoint is intact")
-            self.history["steps"].append([epoch + 1, step + 1, vals["loss"], vals["xent"], vals["reg"], lr])
+            self.history["steps"].append([epoch + 1, step + 1, vals["loss"], vals["xent"], vals["reg"],
+                                          vals["words"], lr])
             for k in sums:
                 sums[k] += vals[k]
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 dt = time.perf_counter() - t0
                 eta = (steps - step - 1) * dt / (step + 1)
                 self.print(f"epoch {epoch + 1}/{cfg.epochs} [{step + 1:>4}/{steps}] loss {vals['loss']:.4f} "
-                           f"(xent {vals['xent']:.4f}, reg {vals['reg']:.4f}) lr {lr:.2e} "
+                           f"(xent {vals['xent']:.4f}, reg {vals['reg']:.4f}, words {vals['words']:.4f}) lr {lr:.2e} "
                            f"{(step + 1) * n / max(dt, 1e-9):6.1f} img/s eta {eta:4.0f}s")
         res = {k: v / steps for k, v in sums.items()}
         res["epoch_time_s"] = time.perf_counter() - t0
@@ -353,7 +366,7 @@ class CaptionTask:
                 w.writerows(rows)
         with open(os.path.join(out, "steps.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["epoch", "step", "loss", "xent", "reg", "lr"])
+            w.writerow(["epoch", "step", "loss", "xent", "reg", "words", "lr"])
             w.writerows(self.history["steps"])
         log = {"config": asdict(self.cfg), "arch": self.arch, "device": str(self.device),
                "vocab_size": len(self.vocab), "grid": list(self.model.grid), "steps_per_epoch": self.steps_per_epoch,
