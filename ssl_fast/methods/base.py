@@ -169,6 +169,45 @@ class SSLMethod(nn.Module):
         """Class-token attention of the last block, ``[B, heads, gh, gw]``, or None if not a ViT."""
         return None
 
+    @torch.no_grad()
+    def localisation_maps(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where the method looks in each image, ``[B, h, w]`` (any real values; higher = more
+        object), scored against known foreground masks at the end of a run, or None.
+
+        Default: :meth:`attention_maps` averaged over heads (a ViT's class-token attention).
+        """
+        att = self.attention_maps(images)
+        return None if att is None else att.float().mean(1)
+
+    def attach_data(self, train_set, images: torch.Tensor, out: str) -> None:
+        """Called once by the trainer before training (fresh or resumed) with the training set.
+
+        A method that needs per-image side information (CVSA's cached saliency) prepares it here.
+
+        Args:
+            train_set: the :class:`~ssl_fast.data.datasets.ImageSet` trained on (masks, boxes if known).
+            images: its images on the training device (the tensor batches are taken from).
+            out: the run's folder (for caches beside the run).
+        """
+
+    def load_init(self, state: Dict[str, torch.Tensor], path: str, config: Optional[Dict[str, Any]] = None) -> str:
+        """Initialise from another run's method state (``--init``) at the start of a fresh run.
+
+        Args:
+            state: the checkpoint's method ``state_dict``.
+            path: the checkpoint's path (for messages).
+            config: the checkpoint's run configuration, if it has one.
+
+        Returns:
+            A one-line description of what was loaded.
+
+        Raises:
+            ValueError: the method cannot start from a checkpoint, or this one does not fit
+                (the message names the tensors).
+        """
+        raise ValueError(f"--init {path}: method {self.name!r} cannot start from another run's checkpoint "
+                         "(use --resume to continue a run of the same method)")
+
     def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Replace the trainable module used in the forward pass by ``wrap(module)`` (DDP)."""
         raise NotImplementedError

@@ -8,7 +8,8 @@ from ssl_fast.nn.dino_loss import DINOLoss
 from ssl_fast.nn.hf_attention import HFSwinAttention, HFViTAttention
 from ssl_fast.nn.multihead_attention import MultiheadAttention
 from ssl_fast.nn.rel_pos_attention import RelPosAttention
+from ssl_fast.nn.saliency_alignment import SaliencyAlignmentLoss
 from ssl_fast.nn.window_attention import WindowAttention
 from ssl_fast.nn.momentum import MomentumTeacher, cosine_momentum, update_momentum
 
-__all__ = ["AdditiveAttention", "Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "WindowAttention", "DINOLoss", "HFSwinAttention", "HFViTAttention", "MomentumTeacher", "cosine_momentum", "update_momentum"]
+__all__ = ["AdditiveAttention", "Attention", "BoTAttention", "ConvAttention", "CvtSelfAttention", "DINOBlock", "MultiheadAttention", "RelPosAttention", "SaliencyAlignmentLoss", "WindowAttention", "DINOLoss", "HFSwinAttention", "HFViTAttention", "MomentumTeacher", "cosine_momentum", "update_momentum"]

@@ -21,7 +21,7 @@ from ssl_fast.train.config import EVAL_SPLITS, OPTIMIZERS
 
 # flags that belong to TrainConfig; every other dest is a method option
 _TRAIN_FLAGS = ("method", "data", "arch", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
-                "weight_decay", "weight_decay_end", "optimizer", "out", "resume", "overwrite", "device", "seed", "amp",
+                "weight_decay", "weight_decay_end", "optimizer", "out", "resume", "init", "overwrite", "device", "seed", "amp",
                 "image_size", "knn_k", "knn_temperature", "eval_split", "val_fraction", "linear_probe",
                 "max_steps_per_epoch", "stop_after_epochs", "log_every", "attention_images")
 # flags the command itself uses (neither TrainConfig fields nor method options)
@@ -115,6 +115,9 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (logs, checkpoint, figures); default runs/<method>-<data>")
     p.add_argument("--resume", default=None, help="checkpoint file or folder to continue from, or 'auto' "
                                                   "(the checkpoint in --out, if any)")
+    p.add_argument("--init", default=None,
+                   help="start a fresh run from the weights of another run's checkpoint (a stage-1 model, e.g. "
+                        "--method cvsa --init runs/byol-.../checkpoint.pth); ignored with --resume")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even though --out holds an earlier run's checkpoint (it is replaced)")
     p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")

@@ -30,6 +30,9 @@ class TrainConfig:
         optimizer: ``adamw``, ``sgd`` or ``lars`` (method default if None).
         out: output folder (default ``runs/<method>-<data name>``).
         resume: checkpoint path, folder, or ``auto``.
+        init: a checkpoint of another run whose weights start a fresh run (a stage-1 model for a
+            stage-2 method, e.g. BYOL for CVSA); the method decides what it takes
+            (:meth:`~ssl_fast.methods.SSLMethod.load_init`). Ignored when resuming.
         overwrite: start afresh even though ``out`` holds an earlier run's checkpoint (which the
             first epoch's checkpoint then replaces); without it such a start is refused.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
@@ -61,6 +64,7 @@ class TrainConfig:
     optimizer: Optional[str] = None
     out: Optional[str] = None
     resume: Optional[str] = None
+    init: Optional[str] = None
     overwrite: bool = False
     device: str = "auto"
     seed: int = 0

@@ -36,6 +36,7 @@ from ssl_fast.train.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, Checkpoin
                                        non_finite_tensors, resolve_resume, save_atomic)
 from ssl_fast.train.config import TrainConfig, resolve_config
 from ssl_fast.train.evaluation import (extract_features, knn_top1, linear_top1, one_per_class, raw_pixels)
+from ssl_fast.train.localisation import localisation_scores
 from ssl_fast.train.optim import build_optimizer
 from ssl_fast.train.plots import save_attention_png
 from ssl_fast.train.run_log import LEGACY_STEP_COLUMNS, STEP_COLUMNS, Progress, best_earlier_run, new_history, write_logs
@@ -62,8 +63,12 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> Tuple[Image
     """``(train minus validation, validation)``: ``fraction`` of each class of ``train``, chosen by ``seed``."""
     keep, val = stratified_split(train.labels.numpy(), fraction, seed)
     keep, val = torch.as_tensor(np.sort(keep)), torch.as_tensor(np.sort(val))
-    return (ImageSet(train.images[keep], train.labels[keep], train.classes, f"{train.name} minus validation"),
-            ImageSet(train.images[val], train.labels[val], train.classes, f"validation share of {train.name}"))
+    def part(rows: torch.Tensor, name: str) -> ImageSet:
+        pick = (lambda t: None if t is None else t[rows])
+        return ImageSet(train.images[rows], train.labels[rows], train.classes, name, masks=pick(train.masks),
+                        boxes=pick(train.boxes))
+
+    return part(keep, f"{train.name} minus validation"), part(val, f"validation share of {train.name}")
 
 
 def pick_device(spec: str, dist_info: Optional[D.DistInfo] = None) -> torch.device:
@@ -146,6 +151,8 @@ class Trainer:
                              "to start afresh and replace it")
         if ckpt is not None:
             self._load(ckpt)
+        elif cfg.init is not None:
+            self._init_from(cfg.init)
         # device-side record of the first step whose loss or gradients were non-finite (-1: none)
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         if self.dist.enabled:
@@ -156,6 +163,7 @@ class Trainer:
         self.train_images = self.train_set.images.to(self.device)
         if self.dist.is_main:
             os.makedirs(cfg.out, exist_ok=True)
+        self.method.attach_data(self.train_set, self.train_images, cfg.out)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _rng_state(self) -> Dict[str, Any]:
@@ -296,6 +304,14 @@ class Trainer:
         self.good_checkpoint = (path, ck["epoch"] + 1)
         self.progress.print(f"resumed from {path} (epoch {ck['epoch'] + 1} done)")
 
+    def _init_from(self, path: str) -> None:
+        """``--init``: the method takes what it can use from another run's checkpoint (fresh run only)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"--init {path!r} is not a checkpoint file")
+        ck = load_checkpoint(path, map_location=self.device, required=("method",))
+        told = self.method.load_init(ck["method"], path, ck.get("config"))
+        self.progress.print(f"initialised from {path}: {told}")
+
     def _load_method_state(self, path: str, state: Dict[str, torch.Tensor], old_options: Dict[str, Any]) -> None:
         """Load the method's tensors, or raise one :class:`CheckpointError` naming what differs."""
         own = self.method.state_dict()
@@ -375,6 +391,24 @@ class Trainer:
         """Linear-probe top-1 (%) of the frozen features (or of the raw pixels) on the held-out set."""
         ftr, fte = self._both_features(raw_pixels)
         return linear_top1(ftr, self.train_set, fte, self.test_set)
+
+    @torch.no_grad()
+    def localisation_eval(self) -> Optional[Dict[str, float]]:
+        """IoU and pointing accuracy of the method's :meth:`localisation_maps` on the held-out set
+        against its foreground masks; None when the set has no masks or the method gives no maps."""
+        masks = self.test_set.masks
+        if masks is None:
+            return None
+        self.method.eval()
+        maps = []
+        for i in range(0, len(self.test_set), 256):
+            with self._autocast():
+                m = self.method.localisation_maps(self.test_set.images[i:i + 256].to(self.device))
+            if m is None:
+                return None
+            maps.append(m.float().cpu())
+        s = localisation_scores(torch.cat(maps), masks)
+        return {"iou": float(s["mean_iou"]), "pointing": float(s["pointing_accuracy"])}
 
     def save_attention(self, path: str) -> bool:
         """Write the last block's class-token attention per head for a few held-out images."""
@@ -536,11 +570,13 @@ class Trainer:
         linear = None
         if cfg.linear_probe and finished:
             linear = D.broadcast_float(self.linear_eval() if self.dist.is_main else None)
+        loc = self.localisation_eval() if self.dist.is_main and done else None
         summary = {"epochs_done": done, "knn_top1": self.history["epochs"][-1]["knn_top1"] if done else None,
                    "linear_top1": linear, "knn_random_init": base, "knn_raw_pixels": pixels,
                    "linear_random_init": self.history.get("linear_random_init"),
                    "linear_raw_pixels": self.history.get("linear_raw_pixels"),
                    "best_earlier_run": self.history.get("best_earlier_run"), "eval_split": cfg.eval_split,
+                   "localisation": loc,
                    "wall_time_s": time.perf_counter() - t_start, "out": cfg.out}
         self.history["summary"] = summary
         if self.dist.is_main:
@@ -555,8 +591,10 @@ class Trainer:
             if done:
                 gain = summary["knn_top1"] - base
                 lin = f", linear probe {linear:.2f}%" if linear is not None else ""
+                where = (f" | localisation IoU {loc['iou']:.3f}, pointing {100 * loc['pointing']:.1f}%"
+                         if loc is not None else "")
                 p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
                         f"{summary['wall_time_s']:.0f}s | {'held-out' if cfg.eval_split == 'test' else 'validation'} "
                         f"k-NN top-1 {summary['knn_top1']:.2f}%{lin} vs random init {base:.2f}% ({gain:+.2f} points), "
-                        f"raw pixels {pixels:.2f}% | outputs in {cfg.out}/ ({', '.join(outputs)})")
+                        f"raw pixels {pixels:.2f}%{where} | outputs in {cfg.out}/ ({', '.join(outputs)})")
         return summary
