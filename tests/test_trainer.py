@@ -4,6 +4,8 @@ import json
 import os
 
 import pytest
+
+from ssl_fast.methods import list_methods
 import torch
 
 from ssl_fast.__main__ import main as cli_main
@@ -123,7 +125,7 @@ def test_knn_classifier_on_a_toy_set():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--method", "nope"], r"unknown method 'nope'; known methods: byol, care, dino, simsiam"),
+    (["--method", "nope"], r"unknown method 'nope'; known methods: " + ", ".join(list_methods())),
     (["--arch", "vit_huge_p3"], r"unknown architecture 'vit_huge_p3'; known architectures: .*vit_small_p8"),
     (["--data", "/no/such/folder"], r"data folder '/no/such/folder' does not exist"),
     (["--data", "cifar10:/no/such/folder"], r"no CIFAR-10 python batches in '/no/such/folder'"),
