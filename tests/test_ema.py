@@ -391,3 +391,40 @@ def test_momentum_teacher_refuses_a_float_buffer_for_an_int_one():
         teacher.update(_Scaled(3, torch.float32))
     with pytest.raises(TypeError, match="student must be an nn.Module"):
         teacher.update([torch.zeros(3)])
+
+
+def test_momentum_teacher_follows_changed_tensors_after_its_first_update():
+    """MomentumTeacher.update reuses its checked pairing while the tensors stay the same; a
+    replaced parameter or a new submodule is picked up, and every
+    step equals lightly's ``update_momentum`` (plus buffer copies) on a twin."""
+    from lightly.models.utils import update_momentum as lightly_update
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    teacher = MomentumTeacher(student, 0.9, 0.9, total_steps=10)
+    twin = copy.deepcopy(teacher.module)
+
+    def step():
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+            student[1].running_mean.add_(1.0)
+        teacher.update()
+        lightly_update(student, twin, 0.9)
+        for tb, sb in zip(twin.buffers(), student.buffers()):
+            tb.copy_(sb)
+        for a, b in zip(list(teacher.module.parameters()) + list(teacher.module.buffers()),
+                        list(twin.parameters()) + list(twin.buffers())):
+            torch.testing.assert_close(a, b)
+
+    step()
+    step()
+    student[0].weight = torch.nn.Parameter(torch.randn(4, 5))  # a replaced parameter
+    step()
+    student.append(torch.nn.Linear(3, 2))  # a new submodule on both sides
+    teacher.module.append(copy.deepcopy(student[3]))
+    twin.append(copy.deepcopy(student[3]))
+    step()
+    with pytest.raises(ValueError, match="student has 10 parameters but the teacher has 8"):
+        student.append(torch.nn.Linear(2, 2))
+        teacher.update()

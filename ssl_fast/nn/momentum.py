@@ -5,7 +5,9 @@ import math
 import torch
 from torch import nn
 
+from ssl_fast import _backend
 from ssl_fast._checks import check_int, check_real
+from ssl_fast.ops import ema as _ema_op
 from ssl_fast.ops.ema import ema_
 
 
@@ -25,6 +27,30 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
     if len(src) != len(dst):
         raise ValueError(f"model has {len(src)} parameters but model_ema has {len(dst)}")
     ema_(dst, src, m)
+
+
+def _params_and_buffers(module: nn.Module):
+    """``(list(module.parameters()), list(module.buffers()))`` in one walk of the module tree
+    (the same order and the same de-duplication; two walks cost more than the update itself on
+    small models)."""
+    params, bufs, seen_modules, seen = [], [], set(), set()
+
+    def visit(m):
+        seen_modules.add(id(m))
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        for b in m._buffers.values():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                bufs.append(b)
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen_modules:
+                visit(c)
+
+    visit(module)
+    return params, bufs
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float) -> float:
@@ -64,6 +90,10 @@ class MomentumTeacher(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         object.__setattr__(self, "_student", student)
         self._step_host = 0  # host mirror of `step`: reading the buffer would synchronise
+        # the checked pairing of the last update, keyed by every tensor's identity, shape, dtype
+        # and device: later updates of the same tensors skip the checks (update's Python cost)
+        self._plan_key = None
+        self._plan = None
 
     @property
     def student(self) -> nn.Module:
@@ -101,6 +131,34 @@ class MomentumTeacher(nn.Module):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         m = self.momentum
+        t_params, t_bufs = _params_and_buffers(self.module)
+        s_params, s_bufs = _params_and_buffers(student)
+        tensors = (t_params, s_params, t_bufs, s_bufs)
+        key = tuple((id(t), t.shape, t.dtype, t.device) for group in tensors for t in group)
+        if key != self._plan_key:
+            self._plan_key, self._plan = None, None
+            self._check_pairs(student)
+            self._plan = self._make_plan(*tensors)
+            self._plan_key = key
+        if self._plan is None:  # tensors the fused call cannot take as they are: the checked path
+            ema_(tensors[0], tensors[1], m)
+        else:
+            floats_t, floats_s, copies = self._plan
+            if floats_t:
+                name = _backend.resolve("ema_", floats_t[0].device,
+                                        lambda b: _ema_op.reasons(b, floats_t, floats_s, m))
+                torch.ops.ssl_fast.ema_(floats_t, floats_s, float(m), None, name)
+            for tb, sb in copies:
+                tb.copy_(sb)
+        if self._plan is None:
+            for tb, sb in zip(tensors[2], tensors[3]):
+                tb.copy_(sb)
+        self._step_host += 1
+        self.step.fill_(self._step_host)
+        return m
+
+    def _check_pairs(self, student: nn.Module) -> None:
+        """Every parameter and buffer pair by name: counts, shapes and buffer dtypes (see update)."""
         t_params = list(self.module.named_parameters())
         s_params = list(student.named_parameters())
         if len(t_params) != len(s_params):
@@ -124,12 +182,29 @@ class MomentumTeacher(nn.Module):
                     raise TypeError(f"student buffer {s_name!r} is {sb.dtype} but the teacher's "
                                     f"{t_name!r} is {tb.dtype}: a floating buffer cannot be copied "
                                     "into an integer one (it would be truncated)")
-        ema_([p for _, p in t_params], [p for _, p in s_params], m)
-        for (_, tb), (_, sb) in zip(t_bufs, s_bufs):
-            tb.copy_(sb)
-        self._step_host += 1
-        self.step.fill_(self._step_host)
-        return m
+        # ema_'s own checks of the parameter pairs (dtypes, devices), with a momentum it accepts
+        if t_params:
+            ema_([p.new_empty(0) for _, p in t_params], [p.new_empty(0) for _, p in s_params], 1.0)
+
+    @staticmethod
+    def _make_plan(t_params, s_params, t_bufs, s_bufs):
+        """``(teacher floats, student floats, pairs to copy)`` for one fused call, or None when a
+        tensor needs ema_'s general handling (non-contiguous, empty, on several devices)."""
+        floats_t, floats_s, copies = [], [], []
+        devices = set()
+        for tp, sp in zip(t_params, s_params):
+            devices.update((tp.device, sp.device))
+            if not tp.is_floating_point():
+                copies.append((tp, sp))
+            elif tp.numel() == 0 or not tp.is_contiguous() or not sp.is_contiguous():
+                return None
+            else:
+                floats_t.append(tp)
+                floats_s.append(sp)
+        if len(devices) > 1:
+            return None
+        copies += list(zip(t_bufs, s_bufs))
+        return floats_t, floats_s, copies
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
