@@ -69,11 +69,13 @@ class BYOL(SSLMethod):
                        optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
                        options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512, momentum_target=0.99,
                                     **DIGIT_VIEWS)),
-        # 32-px digits on clutter (ssl_fast.data.cluttered_digits); flip_p=0 as for digits (a flipped 2 is a 5)
+        # 32-px digits on clutter (ssl_fast.data.cluttered_digits); flip_p=0 as for digits (a flipped 2 is a 5);
+        # hue/saturation jitter and grayscale, since each digit has a random colour
         "cluttered-digits": dict(arch="resnet_mini", epochs=20, batch_size=64, image_size=32, lr=0.4, warmup_epochs=1,
                                  optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
                                  options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
-                                              momentum_target=0.99, **DIGIT_VIEWS)),
+                                              momentum_target=0.99,
+                                              **dict(DIGIT_VIEWS, jitter=(0.4, 0.4, 0.4, 0.2), grey_p=0.2))),
         "default": dict(arch="resnet18_cifar", epochs=200, batch_size=256, image_size=32, optimizer="lars",
                         options=dict(crops_scale=(0.2, 1.0))),
     }

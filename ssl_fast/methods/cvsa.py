@@ -124,6 +124,10 @@ def self_attention_saliency(pred: torch.Tensor, target: torch.Tensor, temperatur
     return p[:, 0].mean(1).reshape(target.shape[0], target.shape[2], target.shape[3])
 
 
+#: digits views (no flips) with hue/saturation jitter and grayscale: each cluttered digit has a random colour
+CLUTTERED_DIGIT_VIEWS = dict(DIGIT_VIEWS, jitter=(0.4, 0.4, 0.4, 0.2), grey_p=0.2)
+
+
 @register_method("cvsa")
 class CVSA(BYOL):
     """CVSA with a CNN backbone that has ``feature_maps`` (the ResNets and BoTNets).
@@ -157,8 +161,8 @@ class CVSA(BYOL):
                                  warmup_epochs=1, optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
                                  options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
                                               momentum_target=0.99, conv_hidden_dim=256, conv_dim=128,
-                                              saliency="masks", box_scale=(0.3, 0.7), swap_group=16,
-                                              **{k: v for k, v in DIGIT_VIEWS.items() if k != "crops_scale"})),
+                                              saliency="masks", box_scale=(0.2, 0.5), swap_group=16,
+                                              **{k: v for k, v in CLUTTERED_DIGIT_VIEWS.items() if k != "crops_scale"})),
         "default": dict(arch="resnet18_cifar", epochs=100, batch_size=256, image_size=32, optimizer="lars"),
     }
 
