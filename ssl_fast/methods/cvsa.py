@@ -65,7 +65,8 @@ class CVSAConfig(BYOLConfig):
     conv_hidden_dim: int = option(256, "hidden channels of the conv projector and predictor", POSITIVE_INT)
     conv_dim: int = option(128, "output channels of the conv projector and predictor", POSITIVE_INT)
     align_weight: float = option(1.0, "weight of the cross-view saliency alignment loss", number(float, 0))
-    align_temperature: float = option(0.1, "temperature of the cross-view attention's cosine logits", number(float, 0, lo_open=True))
+    align_temperature: float = option(0.1, "temperature of the cross-view attention's cosine logits",
+                                      number(float, 0, lo_open=True))
 
 
 def conv_mlp(in_ch: int, hidden: int, out_ch: int) -> nn.Sequential:

@@ -508,6 +508,10 @@ class Trainer:
         self._first_bad_step = torch.where(finite | (self._first_bad_step >= 0), self._first_bad_step,
                                            torch.full_like(self._first_bad_step, it))
 
+    def _start_name(self) -> str:
+        """What the first evaluation measured: the random initialisation, or the ``--init`` checkpoint's weights."""
+        return "--init weights" if self.cfg.init else "random init"
+
     def _baselines(self) -> None:
         """The evaluations every learned feature is judged against, once per run (kept on resume):
         k-NN (and, with ``linear_probe``, the linear probe) at random initialisation and on raw pixels."""
@@ -525,7 +529,7 @@ class Trainer:
             return f"{h[knn]:.2f}%" + (f" / linear {lin:.2f}%" if cfg.linear_probe and lin is not None else "")
 
         p.print(f"baselines on {self.test_set.name} (k-NN k={cfg.knn_k}, T={cfg.knn_temperature}"
-                + (" / linear probe" if cfg.linear_probe else "") + "): random init k-NN "
+                + (" / linear probe" if cfg.linear_probe else "") + f"): {self._start_name()} k-NN "
                 + pair("knn_random_init", "linear_random_init") + ", raw pixels k-NN "
                 + pair("knn_raw_pixels", "linear_raw_pixels"))
         if self.dist.is_main:
@@ -558,7 +562,7 @@ class Trainer:
             warnings = self.method.collapse_warnings(res)
             shown = self.method.describe(res)
             p.print(f"epoch {epoch + 1}/{cfg.epochs}: loss {res['loss']:.4f}" + (f", {shown}" if shown else "")
-                    + f" | k-NN top-1 {knn:.2f}% (random init {base:.2f}%) | {res['images_per_s']:.0f} img/s")
+                    + f" | k-NN top-1 {knn:.2f}% ({self._start_name()} {base:.2f}%) | {res['images_per_s']:.0f} img/s")
             for w in warnings:
                 p.print(f"WARNING: {w}")
             if self.dist.is_main:
@@ -595,6 +599,7 @@ class Trainer:
                          if loc is not None else "")
                 p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
                         f"{summary['wall_time_s']:.0f}s | {'held-out' if cfg.eval_split == 'test' else 'validation'} "
-                        f"k-NN top-1 {summary['knn_top1']:.2f}%{lin} vs random init {base:.2f}% ({gain:+.2f} points), "
+                        f"k-NN top-1 {summary['knn_top1']:.2f}%{lin} vs {self._start_name()} {base:.2f}% "
+                        f"({gain:+.2f} points), "
                         f"raw pixels {pixels:.2f}%{where} | outputs in {cfg.out}/ ({', '.join(outputs)})")
         return summary
