@@ -4,11 +4,10 @@ import json
 import os
 
 import pytest
-
-from ssl_fast.methods import list_methods
 import torch
 
 from ssl_fast.__main__ import main as cli_main
+from ssl_fast.methods import list_methods
 from ssl_fast.train import NonFiniteLossError, Trainer, knn_accuracy, knn_predict
 from trainer_setup import digits_subset, tiny_config
 from ssl_fast.train.checkpoint import save_atomic
