@@ -12,8 +12,11 @@ differences:
 - :meth:`AdditiveAttention.precompute` computes ``encoder_att(encoder_out)`` once per image and
   ``forward(..., Ua=...)`` reuses it at every decoding step (the tutorial recomputes it per step).
 
-``full_att.bias`` shifts every score of a row equally, which the softmax ignores: it gets no
-gradient, as in the tutorial's module.
+``full_att.bias`` shifts every score of a row equally, which the softmax ignores, so the op does
+not read it and it gets no gradient (``grad`` stays None; in the tutorial's module its gradient is
+0 up to rounding). It is kept so that tutorial checkpoints load; under
+``DistributedDataParallel`` pass ``find_unused_parameters=True`` or freeze it
+(``full_att.bias.requires_grad_(False)``).
 """
 from typing import Optional, Tuple
 

@@ -16,6 +16,7 @@ from ssl_fast import _backend
 from ssl_fast._checks import check_same_device, check_tensor
 from ssl_fast._ext import cpp_reasons
 from ssl_fast._triton import triton_reasons
+from ssl_fast.ops import _registry
 from ssl_fast.reference.additive_attention import acc_dtype, additive_attention_backward, additive_attention_forward
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -184,3 +185,46 @@ def additive_attention(a: torch.Tensor, Ua: torch.Tensor, Wh: torch.Tensor, w: t
         mask = mask.contiguous()
     context, alpha = torch.ops.ssl_fast.additive_attention_fwd(a, Ua, Wh, w, mask, name)
     return context, alpha.to(a.dtype)
+
+
+def _sample(device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    B, L, D, A = 2, 7, 9, 6
+    a = torch.randn(B, L, D, generator=g).to(device).requires_grad_()
+    Ua = torch.randn(B, L, A, generator=g).to(device).requires_grad_()
+    Wh = torch.randn(B, A, generator=g).to(device).requires_grad_()
+    w = torch.randn(A, generator=g).to(device).requires_grad_()
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 4:] = False
+    return (a, Ua, Wh, w), {"mask": mask.to(device)}
+
+
+def _bad_inputs(device: torch.device):
+    a = torch.randn(2, 7, 5, device=device)
+    Ua, Wh, w = torch.randn(2, 7, 6, device=device), torch.randn(2, 6, device=device), torch.randn(6, device=device)
+    return [
+        _registry.BadInput((a[0], Ua, Wh, w), {}, ValueError, "a must have 3 dimensions"),
+        _registry.BadInput((a, Ua[:, :3], Wh, w), {}, ValueError, "Ua must have shape"),
+        _registry.BadInput((a, Ua, Wh[:1], w), {}, ValueError, "Wh must have shape"),
+        _registry.BadInput((a, Ua, Wh, w[:5]), {}, ValueError, "w must have shape"),
+        _registry.BadInput((a, Ua, Wh, w), {"mask": torch.ones(2, 7, device=device)}, TypeError, "mask must have dtype"),
+        _registry.BadInput((a, Ua.double(), Wh, w), {}, TypeError, "Ua has dtype"),
+    ]
+
+
+def _opcheck(device: torch.device, backend: str):
+    (a, Ua, Wh, w), kw = _sample(device)
+    fwd = (a, Ua, Wh, w, kw["mask"], backend)
+    xs = [t.detach() for t in (a, Ua, Wh, w)]
+    context, alpha = torch.ops.ssl_fast.additive_attention_fwd(*xs, kw["mask"], backend)
+    g = torch.Generator().manual_seed(1)
+    gc = torch.randn(context.shape, generator=g).to(device)
+    ga = torch.randn(alpha.shape, generator=g).to(device)
+    return [(torch.ops.ssl_fast.additive_attention_fwd.default, fwd),
+            (torch.ops.ssl_fast.additive_attention_bwd.default, (gc, ga, *xs, alpha, True, backend)),
+            (torch.ops.ssl_fast.additive_attention_bwd.default, (gc, ga, *xs, alpha, False, backend))]
+
+
+_registry.register(_registry.OpSpec(
+    name="additive_attention", fn=additive_attention, reasons=reasons, sample=_sample, bad_inputs=_bad_inputs,
+    opcheck=_opcheck, cpp_kernels=("additive_attention_fwd", "additive_attention_bwd"), tol=1e-5))
