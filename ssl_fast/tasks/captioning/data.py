@@ -16,6 +16,9 @@ import torch.nn.functional as F
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
+#: largest image set (uint8 bytes) whose resized files a CaptionSet keeps in memory
+CACHE_BYTES = 2 << 30
+
 #: a named object's true box in pixels: ``(word, (x0, y0, x1, y1))``, ends exclusive
 Box = Tuple[str, Tuple[int, int, int, int]]
 
@@ -152,16 +155,20 @@ class CaptionSet:
             return self.images[idx]
         from ssl_fast.data.datasets import _read_image
 
+        # resized images are kept as uint8 when the whole set fits in CACHE_BYTES (read once per run)
+        cache = len(self.paths) * 3 * self.image_size ** 2 <= CACHE_BYTES
         out = []
         for i in idx:
-            if i not in self._cache:
+            x = self._cache.get(i)
+            if x is None:
                 a = _read_image(self.paths[i])
                 x = torch.as_tensor(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                   align_corners=False, antialias=True)
-                # kept as uint8 (a quarter of the memory); read once per run
-                self._cache[i] = (x[0].clamp(0, 1) * 255).round().to(torch.uint8)
-            out.append(self._cache[i].float() / 255)
+                x = (x[0].clamp(0, 1) * 255).round().to(torch.uint8)
+                if cache:
+                    self._cache[i] = x
+            out.append(x.float() / 255)
         return torch.stack(out) if out else torch.zeros(0, 3, self.image_size, self.image_size)
 
     def pairs(self) -> List[Tuple[int, int]]:

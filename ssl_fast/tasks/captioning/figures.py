@@ -36,9 +36,9 @@ def _draw_row(axes, image: torch.Tensor, words: Sequence[str], alphas: torch.Ten
     axes[0].imshow(img)
     axes[0].set_title(label, fontsize=8)
     for ax, word, alpha in zip(axes[1:], words, alphas):
-        # the paper's look: the image lit where the word attends, dimmed elsewhere
-        a = _upsample(alpha, grid, (h, w))[..., None]
-        ax.imshow(img * (0.25 + 0.75 * a) + 0.35 * a * (1 - img))
+        # the image, dimmed, under the word's attention in colour (scaled to its peak)
+        ax.imshow(img * 0.6)
+        ax.imshow(_upsample(alpha, grid, (h, w)), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
         ax.set_title(word, fontsize=10)
         for name, (x0, y0, x1, y1) in boxes or []:
             if name == word:

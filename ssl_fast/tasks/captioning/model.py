@@ -159,7 +159,7 @@ class Captioner(nn.Module):
         >>> out = cap.loss(torch.rand(2, 3, 32, 32), torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]),
         ...                torch.tensor([4, 3]), lam=0.01)
         >>> sorted(out)
-        ['loss', 'reg', 'xent']
+        ['loss', 'reg', 'words', 'xent']
     """
 
     def __init__(self, encoder: Encoder, vocab_size: int, image_size: int, pos_embed: bool = False,

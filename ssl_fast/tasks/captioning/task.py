@@ -56,14 +56,14 @@ class CaptionConfig:
     fine_tune_from: Optional[int] = 0
     image_size: Optional[int] = None
     digit_size: Optional[int] = None
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 1e-5
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 0.1
     weight_decay: float = 1e-4
     grad_clip: float = 5.0
-    alpha_c: float = 0.005
+    alpha_c: float = 0.002
     embed_dim: int = 64
     decoder_dim: int = 256
     attention_dim: int = 128
