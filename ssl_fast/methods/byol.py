@@ -30,9 +30,13 @@ class BYOLConfig(TwoViewConfig):
 
 
 #: the digits presets of the two-view methods share these views: no flips (digits are not
-#: symmetric), strong brightness/contrast, blur and noise (photometric changes matter most here)
-DIGIT_VIEWS = dict(crops_scale=(0.4, 1.0), flip_p=0.0, jitter=(0.6, 0.6, 0.0, 0.0), jitter_p=0.9, grey_p=0.0,
+#: symmetric), mild crops, strong brightness/contrast and noise (photometric changes matter most
+#: here), and the optimizer: AdamW at 2e-3 for a batch of 64 (SGD at 0.025-0.1 stayed near 92%
+#: validation k-NN in 40 epochs). Chosen on --eval-split val only.
+DIGIT_VIEWS = dict(crops_scale=(0.6, 1.0), flip_p=0.0, jitter=(0.6, 0.6, 0.0, 0.0), jitter_p=0.9, grey_p=0.0,
                    noise_p=0.5, noise_std=0.15)
+DIGIT_RUN = dict(arch="resnet_mini", epochs=60, batch_size=64, image_size=16, optimizer="adamw", lr=8e-3,
+                 warmup_epochs=2, weight_decay=1e-4, weight_decay_end=1e-4)
 
 
 def sync_batchnorm_on_gpu(*modules: nn.Module) -> List[nn.Module]:
@@ -65,10 +69,8 @@ class BYOL(SSLMethod):
     config_class = BYOLConfig
     display_metrics = {"momentum": "m {:.5f}"}
     presets = {
-        "digits": dict(arch="resnet_mini", epochs=40, batch_size=64, image_size=16, lr=0.4, warmup_epochs=2,
-                       optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
-                       options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512, momentum_target=0.99,
-                                    **DIGIT_VIEWS)),
+        "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
+                                                 momentum_target=0.99, **DIGIT_VIEWS)),
         # 32-px digits on clutter (ssl_fast.data.cluttered_digits); flip_p=0 as for digits (a flipped 2 is a 5);
         # hue/saturation jitter and grayscale, since each digit has a random colour
         "cluttered-digits": dict(arch="resnet_mini", epochs=20, batch_size=64, image_size=32, lr=0.4, warmup_epochs=1,

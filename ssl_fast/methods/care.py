@@ -28,7 +28,7 @@ from torch import nn
 
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
-from ssl_fast.methods.byol import DIGIT_VIEWS, BYOLConfig, sync_batchnorm_on_gpu
+from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, BYOLConfig, sync_batchnorm_on_gpu
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
 from ssl_fast.methods.two_view import batchnorm_in_train_mode, eval_features, two_views
 from ssl_fast.models import create_model
@@ -116,10 +116,9 @@ class CARE(SSLMethod):
     config_class = CAREConfig
     display_metrics = {"momentum": "m {:.5f}", "loss_sup": "sup {:.4f}"}
     presets = {
-        "digits": dict(arch="resnet_mini", epochs=40, batch_size=64, image_size=16, lr=0.4, warmup_epochs=2,
-                       optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
-                       options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512, momentum_target=0.99,
-                                    t_layers=2, t_heads=4, t_dim_head=16, **DIGIT_VIEWS)),
+        "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
+                                                 momentum_target=0.99, t_layers=2, t_heads=4, t_dim_head=16,
+                                                 **DIGIT_VIEWS)),
         "default": dict(arch="resnet50", epochs=100, batch_size=256, image_size=224, optimizer="sgd"),
     }
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
-from ssl_fast.methods.byol import DIGIT_VIEWS, sync_batchnorm_on_gpu
+from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, sync_batchnorm_on_gpu
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
 from ssl_fast.methods.two_view import (PROBABILITY_PAIR, Encoder, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, two_views)
@@ -50,10 +50,8 @@ class SimSiam(SSLMethod):
 
     config_class = SimSiamConfig
     presets = {
-        "digits": dict(arch="resnet_mini", epochs=40, batch_size=64, image_size=16, lr=0.1, warmup_epochs=2,
-                       optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
-                       options=dict(proj_hidden_dim=256, proj_dim=256, pred_hidden_dim=64, blur_p=(0.5, 0.5),
-                                    **DIGIT_VIEWS)),
+        "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=256, proj_dim=256, pred_hidden_dim=64,
+                                                 blur_p=(0.5, 0.5), **DIGIT_VIEWS)),
         "default": dict(arch="resnet18_cifar", epochs=200, batch_size=256, image_size=32, optimizer="sgd",
                         options=dict(crops_scale=(0.2, 1.0))),
     }
