@@ -80,7 +80,8 @@ def add_caption_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="an ssl-fast pretrain checkpoint (file or folder) whose backbone (the teacher's) is the encoder")
     p.add_argument("--feature-stage", type=number(int, 1, 4), default=d.feature_stage,
-                   help="ResNet stage (layer1..layer4) whose map the decoder attends over")
+                   help="ResNet stage (layer1..layer4) whose map the decoder attends over "
+                        "(default: 3 on the scenes, an 8x8 grid; 4 otherwise)")
     p.add_argument("--fine-tune-from", type=_stage_or_none, default=d.fine_tune_from,
                    help="first encoder stage trained (0 = all; ResNet: 1..4 = layer1..; ViT: k = block k..), "
                         "or 'none' for a frozen encoder")
@@ -96,6 +97,11 @@ def add_caption_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=number(float, 0), default=d.grad_clip, help="gradient-norm clip, 0 = off")
     p.add_argument("--alpha-c", type=number(float, 0), default=d.alpha_c,
                    help="lambda of the doubly stochastic regulariser lambda * sum_i (1 - sum_t alpha_ti)^2")
+    p.add_argument("--word-weight", type=number(float, 0), default=None,
+                   help="weight of the word-presence loss on the max-pooled encoder features (default: 1 on the "
+                        "scenes with a trained encoder, else 0)")
+    p.add_argument("--no-pos-embed", dest="pos_embed", action="store_false",
+                   help="no learned position embedding on CNN features")
     p.add_argument("--embed-dim", type=number(int, 1), default=d.embed_dim)
     p.add_argument("--decoder-dim", type=number(int, 1), default=d.decoder_dim)
     p.add_argument("--attention-dim", type=number(int, 1), default=d.attention_dim)
