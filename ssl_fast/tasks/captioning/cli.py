@@ -143,7 +143,6 @@ def run_caption(args: argparse.Namespace, parser: Optional[argparse.ArgumentPars
         otherwise ``parser.error`` exits with 2).
     """
     from ssl_fast.models import is_model, list_models
-    from ssl_fast.tasks.captioning.encoder import build_backbone  # noqa: F401  (registers optional models)
     from ssl_fast.tasks.captioning.task import CaptionTask
     from ssl_fast.train.checkpoint import CheckpointError
     from ssl_fast.train.cli import check_out_folder

@@ -12,19 +12,12 @@ freezes the earlier ones (kept in eval mode, so BatchNorm statistics do not move
 freezes all of it. Weights may come from an ``ssl-fast pretrain`` checkpoint
 (:func:`load_pretrained_backbone`).
 """
-import importlib
-import importlib.util
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ssl_fast.models import create_model
-
-# model files written in parallel register on import; import them where the package does not yet
-for _name in ("resnet",):
-    if importlib.util.find_spec(f"ssl_fast.models.{_name}") is not None:
-        importlib.import_module(f"ssl_fast.models.{_name}")
 
 
 def _stages(backbone: nn.Module) -> List[List[nn.Module]]:
