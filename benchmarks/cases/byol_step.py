@@ -15,9 +15,10 @@ Providers (same networks, same weights, same views, same optimizer):
   ones), backward, the optimizer, and ``after_optimizer_step`` (``MomentumTeacher.update``: one
   fused ``ssl_fast.ops.ema_`` over every parameter, buffers copied).
 
-Before timing, the ssl_fast provider runs two steps of both from the same state and requires
-equal losses (relative difference at most 1e-5; float32, TF32 off, also for a bf16 case); the
-outcome is printed and written into the row's note, with the backends ``auto`` picked.
+Before timing, the ssl_fast provider runs two steps of both from the same state (float32, TF32
+off, also for a bf16 case) and requires the same loss: relative difference at most 1e-5 at the
+first step and 1e-3 at the second (see :data:`RTOL_AFTER_STEP`); the outcome is printed and
+written into the row's note, with the backends ``auto`` picked.
 Optimizer on both sides: ``torch.optim.SGD`` (lr 0.05, momentum 0.9, weight decay 1e-4 except on
 biases and norms, BYOL's ``param_groups``). Peak memory: CUDA's ``max_memory_allocated`` (by the
 harness); on the CPU the peak of tensor memory allocated during one step above what was held
@@ -44,7 +45,12 @@ from ssl_fast.methods.base import Batch
 #: length of the momentum schedules (long, so a timing run stays near the base momentum)
 TOTAL_STEPS = 10_000
 SGD_LR, SGD_MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-4
+#: the first step's loss (forward and loss from equal weights) must agree to RTOL; the second
+#: step's (after backward, SGD and EMA) to RTOL_AFTER_STEP: one SGD step at lr 0.05 amplifies the
+#: float32 rounding of the gradients (CARE, ResNet-50 at 64 px, batch 8: 2e-4 in float32, 1e-13
+#: in float64); the tests hold both steps to RTOL at tiny sizes and to 1e-10 in float64
 RTOL = 1e-5
+RTOL_AFTER_STEP = 1e-3
 CHECK_STEPS = 2
 
 
@@ -84,11 +90,11 @@ class FixedViews:
         return self.v1, self.v2
 
 
-def make_views(spec: StepSpec, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def make_views(spec: StepSpec, device: torch.device, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two normalised-image-like views ``[B, 3, S, S]`` (seeded)."""
     gen = torch.Generator().manual_seed(1)
     shape = (spec.batch, 3, spec.image_size, spec.image_size)
-    return tuple(torch.randn(shape, generator=gen).to(device) for _ in range(2))
+    return tuple(torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2))
 
 
 def autocast_for(amp: bool, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -176,8 +182,9 @@ def new_method(name: str, spec: StepSpec, device: torch.device):
     return create_method(name, ctx).to(device).train()
 
 
-def build_byol(spec: StepSpec, device: torch.device, amp: bool) -> StepPair:
-    """ssl_fast's BYOL and the eager lightly BYOL with its weights, on the same views."""
+def build_byol(spec: StepSpec, device: torch.device, amp: bool, dtype=torch.float32) -> StepPair:
+    """ssl_fast's BYOL and the eager lightly BYOL with its weights, on the same views
+    (parameters and views in ``dtype``; ``amp``: forward under bf16 autocast)."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 
@@ -192,8 +199,10 @@ def build_byol(spec: StepSpec, device: torch.device, amp: bool) -> StepPair:
     t_backbone, t_projector = copy.deepcopy(backbone), copy.deepcopy(projector)
     for p in (*t_backbone.parameters(), *t_projector.parameters()):
         p.requires_grad_(False)
+    for module in (method, online, t_backbone, t_projector):
+        module.to(dtype)
 
-    v1, v2 = make_views(spec, device)
+    v1, v2 = make_views(spec, device, dtype)
     fused = method_step(method, v1, v2, sgd(method.param_groups()), amp, device)
 
     opt = sgd(decay_groups(online))
@@ -239,18 +248,26 @@ def compare_losses(pair: StepPair, steps: int = CHECK_STEPS) -> Tuple[List[Tuple
     return losses, worst
 
 
-def check_equal(pair: StepPair, rtol: float = RTOL) -> str:
-    """Equal losses of both steps of a float32 ``pair`` over :data:`CHECK_STEPS` steps, or ``RuntimeError``.
+def check_equal(pair: StepPair, rtol: float = RTOL, rtol_after_step: float = RTOL_AFTER_STEP) -> str:
+    """The same loss from both steps of a float32 ``pair`` over :data:`CHECK_STEPS` steps, or ``RuntimeError``.
+
+    Args:
+        pair: freshly built steps (equal weights).
+        rtol: largest relative difference of the first step's losses.
+        rtol_after_step: largest relative difference of the later steps' losses.
 
     Returns:
-        One line saying so, with the largest relative difference.
+        One line saying so, with the relative difference of each step.
     """
-    losses, worst = compare_losses(pair)
+    losses, _ = compare_losses(pair)
+    diffs = [abs(a - b) / max(abs(b), 1e-30) for a, b in losses]
     shown = ", ".join(f"{a:.6f}/{b:.6f}" for a, b in losses)
-    if not worst <= rtol:
-        raise RuntimeError(f"fused and eager losses differ: {shown} (fused/eager per step), "
-                           f"max rel diff {worst:.2e} > {rtol:g}")
-    return f"loss = eager's over {len(losses)} float32 steps (max rel diff {worst:.1e} <= {rtol:g}; {shown})"
+    limits = [rtol] + [rtol_after_step] * (len(diffs) - 1)
+    if not all(d <= tol for d, tol in zip(diffs, limits)):
+        raise RuntimeError(f"fused and eager losses differ: {shown} (fused/eager per step), relative "
+                           f"differences {', '.join(f'{d:.2e}' for d in diffs)} > {', '.join(f'{t:g}' for t in limits)}")
+    steps = ", ".join(f"step {i + 1} {d:.1e} <= {t:g}" for i, (d, t) in enumerate(zip(diffs, limits)))
+    return f"loss = eager's (float32, relative difference {steps}; {shown})"
 
 
 def cpu_peak_mb(fn: Callable[[], object]) -> float:

@@ -84,8 +84,9 @@ def care_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
                            (hidden_dim, out_dim, None, None, True)])
 
 
-def build_care(spec: StepSpec, device: torch.device, amp: bool) -> StepPair:
-    """ssl_fast's CARE and the eager official-style CARE with the same weights, on the same views."""
+def build_care(spec: StepSpec, device: torch.device, amp: bool, dtype=torch.float32) -> StepPair:
+    """ssl_fast's CARE and the eager official-style CARE with the same weights, on the same views
+    (parameters and views in ``dtype``; ``amp``: forward under bf16 autocast)."""
     from lightly.loss import NegativeCosineSimilarity
 
     method = new_method("care", spec, device)
@@ -120,8 +121,10 @@ def build_care(spec: StepSpec, device: torch.device, amp: bool) -> StepPair:
     target = copy.deepcopy(encoder)
     for p in target.parameters():
         p.requires_grad_(False)
+    for module in (method, online, target):
+        module.to(dtype)
 
-    v1, v2 = make_views(spec, device)
+    v1, v2 = make_views(spec, device, dtype)
     fused = method_step(method, v1, v2, sgd(method.param_groups()), amp, device)
 
     opt = sgd([{"params": list(online.parameters()), "apply_weight_decay": True}])
