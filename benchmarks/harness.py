@@ -69,6 +69,30 @@ def time_cpu(fn, *, warmup_s=0.2, min_reps=5, budget_s=2.0):
     return _quantiles(times)
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_mb(fn) -> float:
+    """Peak resident memory (MiB) of one call of ``fn`` above the resident size before it; NaN
+    where the kernel cannot reset the high-water mark (not Linux)."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status_kb("VmRSS")
+        fn()
+        return max(0, _status_kb("VmHWM") - before) / 1024
+    except OSError:
+        return float("nan")
+
+
 def time_cuda(fn):
     import triton.testing
 
@@ -96,7 +120,7 @@ def run_case(case: Case, device: torch.device, quick: bool) -> List[Result]:
                 r.peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
                 r.p20, r.p50, r.p80 = time_cuda(fn)
             else:
-                r.peak_mb = getattr(fn, "peak_mb", float("nan"))
+                r.peak_mb = getattr(fn, "peak_mb", None) or cpu_peak_mb(fn)
                 r.p20, r.p50, r.p80 = time_cpu(fn, budget_s=0.5 if quick else 2.0,
                                                min_reps=3 if quick else 5)
         except Exception as exc:  # a provider failing must not hide the others' figures

@@ -158,6 +158,8 @@ def _qkv(g, dtype, b, h, nq, nk, d, dv):
 
 
 ATTN_BACKENDS = backend_params("attention")
+# the in-kernel bias backends (the reference materialises [B, H, Nq, Nk])
+FUSED = [p for p in ATTN_BACKENDS if getattr(p, "values", (p,))[0] != "reference"]
 # three times the profile's examples: the draws span many independent options
 MORE = settings(max_examples=3 * settings.default.max_examples)
 
@@ -232,7 +234,8 @@ def test_decomposed_bias_matches_reference(backend, data):
            _copy_rel_pos(rel_pos, torch.float64), _copy_rel_pos(rel_pos))
 
 
-def test_sam_style_query_grid_differs_from_key_grid():
+@pytest.mark.parametrize("backend", FUSED)
+def test_sam_style_query_grid_differs_from_key_grid(backend):
     """MViTv2-like pooled keys: 8x6 queries attend to 4x3 keys, and the reverse (kh > qh)."""
     g = torch.Generator().manual_seed(3)
     for q_size, k_size in (((8, 6), (4, 3)), ((3, 2), (6, 5))):
@@ -241,13 +244,14 @@ def test_sam_style_query_grid_differs_from_key_grid():
         lh, lw = 2 * max(q_size[0], k_size[0]) - 1, 2 * max(q_size[1], k_size[1]) - 1
         rp = DecomposedRelPos(_rand(g, (lh, 32)).requires_grad_(), _rand(g, (lw, 32)).requires_grad_(),
                               q_size, k_size)
-        _check("triton", torch.float32, q, k, v, None, rp, None, (16, 16),
+        _check(backend, torch.float32, q, k, v, None, rp, None, (16, 16),
                _copy_rel_pos(rp, torch.float64), _copy_rel_pos(rp))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 9, 11), (1, 3, 9, 11), (3, 1, 11), (9, 1), (11,), (2, 3, 1, 11)])
 @pytest.mark.parametrize("kind", ["bool", "add"])
-def test_mask_broadcast_shapes(shape, kind):
+@pytest.mark.parametrize("backend", FUSED)
+def test_mask_broadcast_shapes(shape, kind, backend):
     """Every broadcast pattern of attn_mask reads the right element (stride 0 on size-1 dims)."""
     g = torch.Generator().manual_seed(11)
     q, k, v = _qkv(g, torch.float32, 2, 3, 9, 11, 16, 16)
@@ -256,16 +260,17 @@ def test_mask_broadcast_shapes(shape, kind):
         mask[..., 0] = True
     else:
         mask = _rand(g, shape, scale=3.0)
-    _check("triton", torch.float32, q, k, v, None, None, mask, (16, 16), None, None)
+    _check(backend, torch.float32, q, k, v, None, None, mask, (16, 16), None, None)
 
 
-def test_fully_masked_rows_give_zero_output_and_gradient():
+@pytest.mark.parametrize("backend", FUSED)
+def test_fully_masked_rows_give_zero_output_and_gradient(backend):
     g = torch.Generator().manual_seed(4)
     q, k, v = _qkv(g, torch.float32, 1, 2, 20, 24, 32, 32)
     mask = torch.rand(20, 24, generator=g) < 0.7
     mask[[0, 5, 19]] = False
     with _kernel_setup((16, 16)):
-        out = ops.attention(q, k, v, attn_mask=mask, backend="triton")
+        out = ops.attention(q, k, v, attn_mask=mask, backend=backend)
         out.sum().backward()
     assert torch.equal(out[:, :, [0, 5, 19]], torch.zeros_like(out[:, :, [0, 5, 19]]))
     assert torch.isfinite(out).all()
@@ -274,23 +279,25 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     assert out[:, :, 1].abs().sum() > 0
 
 
-def test_nan_input_propagates():
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_input_propagates(backend):
     g = torch.Generator().manual_seed(5)
     q, k, v = (t.detach() for t in _qkv(g, torch.float32, 1, 1, 9, 9, 16, 16))
     q[0, 0, 3, 2] = float("nan")
-    out = ops.attention(q, k, v, backend="triton")
+    out = ops.attention(q, k, v, backend=backend)
     assert torch.isnan(out[0, 0, 3]).all()
     assert torch.isfinite(out[0, 0, [0, 1, 2, 4]]).all()
 
 
-def test_strided_inputs_from_packed_qkv():
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_inputs_from_packed_qkv(backend):
     """q, k, v as timm slices them from one packed [B, N, 3, H, D] projection (not contiguous)."""
     g = torch.Generator().manual_seed(6)
     qkv = _rand(g, (2, 49, 3, 3, 32)).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     table = _rand(g, (169, 3)).requires_grad_()
     with _kernel_setup(None):
-        out = ops.attention(q, k, v, rel_pos=RelPosTable(table, (7, 7)), backend="triton")
+        out = ops.attention(q, k, v, rel_pos=RelPosTable(table, (7, 7)), backend=backend)
         dq, dt = torch.autograd.grad(out.square().sum(), (qkv, table))
     q64 = qkv.detach().double().requires_grad_()
     t64 = table.detach().double().requires_grad_()
@@ -303,7 +310,8 @@ def test_strided_inputs_from_packed_qkv():
 
 
 @pytest.mark.parametrize("kind", ["table", "decomposed"])
-def test_position_gradients_are_deterministic(kind):
+@pytest.mark.parametrize("backend", FUSED)
+def test_position_gradients_are_deterministic(kind, backend):
     g = torch.Generator().manual_seed(7)
     if kind == "table":
         q, k, v = _qkv(g, torch.float32, 4, 2, 35, 35, 16, 16)
@@ -318,7 +326,7 @@ def test_position_gradients_are_deterministic(kind):
     with _kernel_setup((16, 16)):
         dout = _rand(g, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
         for _ in range(2):
-            out = ops.attention(q, k, v, rel_pos=rp, backend="triton")
+            out = ops.attention(q, k, v, rel_pos=rp, backend=backend)
             runs.append(torch.autograd.grad(out, leaves, dout))
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
@@ -334,7 +342,8 @@ def _largest_allocation(fn) -> int:
 
 
 @pytest.mark.parametrize("kind", ["table", "decomposed"])
-def test_no_n_by_n_allocation(kind):
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_n_by_n_allocation(kind, backend):
     """Forward + backward allocate nothing near B*H*Nq*Nk elements for the in-kernel bias kinds;
     the materialising reference path trips the same detector (so the check can fail)."""
     g = torch.Generator().manual_seed(8)
@@ -357,9 +366,102 @@ def test_no_n_by_n_allocation(kind):
             torch.autograd.grad(out.sum(), [q, k, v] + _tables(rp))
         return fn
 
-    fused = _largest_allocation(step("triton"))
+    fused = _largest_allocation(step(backend))
     assert fused < nxn_bytes / 2, f"largest allocation {fused} B vs N x N {nxn_bytes} B"
     assert _largest_allocation(step("reference")) >= nxn_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# the cpp backend: several key tiles, gradcheck, thread-count independence, dropout
+# ----------------------------------------------------------------------------------------------
+CPP = [p for p in ATTN_BACKENDS if getattr(p, "values", (p,))[0] == "cpp"]
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_cvt_stage1_spans_many_key_tiles(backend, dtype):
+    """CvT-13 stage 1 (3136 queries on a 56x56 grid, 784 keys on 28x28, one 64-dim head) with
+    decomposed position across the two grids and a boolean mask: several query and key tiles,
+    online-softmax rescaling across key tiles, against float64."""
+    g = torch.Generator().manual_seed(21)
+    q, k, v = _qkv(g, dtype, 1, 1, 3136, 784, 64, 64)
+    rp = DecomposedRelPos(_rand(g, (111, 64), scale=0.1).requires_grad_(),
+                          _rand(g, (111, 64), scale=0.1).requires_grad_(), (56, 56), (28, 28))
+    mask = torch.rand(3136, 784, generator=g) < 0.9
+    _check(backend, dtype, q, k, v, None, rp, mask, None, _copy_rel_pos(rp, torch.float64), _copy_rel_pos(rp))
+
+
+@pytest.mark.parametrize("backend", CPP)
+@pytest.mark.parametrize("kind", ["table", "decomposed", "bool", "add", "dropout"])
+def test_cpp_gradcheck_float64(backend, kind):
+    g = torch.Generator().manual_seed(22)
+    q, k, v = _qkv(g, torch.float64, 2, 2, 12, 12, 8, 6)
+    extra, kw = [], {}
+    if kind == "table":
+        extra = [_rand(g, (5 * 7, 2), torch.float64).requires_grad_()]
+        wm = torch.where(torch.rand(2, 12, 12, generator=g) < 0.8, 0.0, -100.0).double()
+        make = lambda t: dict(rel_pos=RelPosTable(t, (3, 4), wm))  # noqa: E731
+    elif kind == "decomposed":
+        k = _rand(g, (2, 2, 6, 8), torch.float64).requires_grad_()
+        v = _rand(g, (2, 2, 6, 6), torch.float64).requires_grad_()
+        extra = [_rand(g, (5, 8), torch.float64).requires_grad_(), _rand(g, (7, 8), torch.float64).requires_grad_()]
+        make = lambda a, b_: dict(rel_pos=DecomposedRelPos(a, b_, (3, 4), (2, 3)))  # noqa: E731
+    elif kind == "bool":
+        m = torch.rand(2, 1, 12, 12, generator=g) < 0.7
+        m[0, 0, 2] = False
+        make = lambda: dict(attn_mask=m)  # noqa: E731
+    elif kind == "add":
+        m = _rand(g, (12, 12), torch.float64)
+        make = lambda: dict(attn_mask=m)  # noqa: E731
+    else:
+        make = lambda: dict(dropout_p=0.3)  # noqa: E731
+
+    def fn(q, k, v, *tables):
+        torch.manual_seed(0)  # the same dropout seed on every evaluation
+        return ops.attention(q, k, v, backend=backend, **make(*tables), **kw)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, *extra))
+
+
+@pytest.mark.parametrize("backend", CPP)
+def test_cpp_dropout_draws_the_reference_mask(backend):
+    """The kernel's hashed dropout equals the reference's ``dropout_keep`` for the same seed
+    (forward and gradients), keeps about 1 - p of the probabilities, and differs between calls."""
+    g = torch.Generator().manual_seed(23)
+    q, k, v = _qkv(g, torch.float32, 2, 3, 70, 600, 32, 32)
+    torch.manual_seed(3)
+    out = ops.attention(q, k, v, dropout_p=0.25, backend=backend)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention(q64, k64, v64, dropout_p=0.25, dropout_seed=seed)
+    assert rel_error(out, ref) < 1e-5
+    dout = torch.randn(out.shape, generator=g)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout),
+                         torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        assert rel_error(got, want) < 1e-5
+    keep = reference.dropout_keep(seed, (2, 3, 70, 600), 0.25)
+    assert abs(keep.double().mean().item() - 0.75) < 0.01
+    assert not torch.equal(out, ops.attention(q, k, v, dropout_p=0.25, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPP)
+def test_cpp_results_do_not_depend_on_the_thread_count(backend):
+    g = torch.Generator().manual_seed(24)
+    q, k, v = _qkv(g, torch.float32, 3, 2, 49, 49, 32, 32)
+    rp = RelPosTable(_rand(g, (169, 2)).requires_grad_(), (7, 7))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = ops.attention(q, k, v, rel_pos=rp, backend=backend)
+            runs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, rp.table))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b_ in zip(runs[0], other):
+            assert torch.equal(a, b_)
 
 
 def _op_args(kind):

@@ -8,12 +8,15 @@ Shapes (``--quick`` shrinks batches and grids for a CPU demo):
 * SAM ViT-H global layer: 64x64 grid, 16 heads of 80, decomposed rel-pos, batch 1;
 * ViT-S/16 and ViT-B/16 at 224: 197 tokens, 6 / 12 heads of 64, no bias, batch 64;
 * DINO local crops (ViT-S/16 at 96): 37 tokens, 6 heads of 64, batch 512 (64 images x 8 crops);
-* CvT-13 stage 1: 3136 queries, 784 keys (stride-2 key/value projection), 1 head of 64, batch 16.
+* CvT-13 stage 1: 3136 queries, 784 keys (stride-2 key/value projection), 1 head of 64, batch 16;
+* the main job's ViT-nano (digits preset: 96 wide, 3 heads of 32, 8-pixel patches on 32 px global
+  crops: 17 tokens), batch 128 (64 images x 2 global crops).
 
 Providers: ``eager`` (the baseline: timm's / SAM's default path, logits and bias materialised,
 softmax in the input dtype), ``sdpa`` (torch SDPA with the materialised ``[B, H, Nq, Nk]`` bias as
-``attn_mask``, which is what timm's fused path does for Swin and SAM; for no bias, SDPA's flash
-path), ``flex`` (compiled FlexAttention with a ``score_mod`` that reads the table / the SAM-style
+``attn_mask``, built inside the timed call from the table / ``rel_h``, ``rel_w`` leaves, so the
+position gradients flow through it, which is what timm's fused path does for Swin and SAM; for no
+bias, SDPA's flash path), ``flex`` (compiled FlexAttention with a ``score_mod`` that reads the table / the SAM-style
 projected terms, only on CUDA with a torch that has it), and each ssl_fast backend. Modes: forward
 (no grad), backward (of one retained forward) and both; the harness records peak CUDA memory.
 """
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import MODES, Case, Provider
 from ssl_fast import ops
-from ssl_fast.ops.attention import DecomposedRelPos, RelPosTable, _reasons
+from ssl_fast.ops.attention import DecomposedRelPos, RelPosTable, reasons
 from ssl_fast.reference.attention import decomposed_index, window_relative_index
 
 
@@ -37,6 +40,7 @@ def _shapes(quick):
             ("vit_b16", dict(B=2, H=12, D=64, kind="none", Nq=197, Nk=197)),
             ("dino_local", dict(B=8, H=6, D=64, kind="none", Nq=37, Nk=37)),
             ("cvt13_s1", dict(B=1, H=1, D=64, kind="none", Nq=3136, Nk=784)),
+            ("vit_nano", dict(B=16, H=3, D=32, kind="none", Nq=17, Nk=17)),
         ]
     return [
         ("swin_t_s1", dict(B=64 * 64, H=3, D=32, kind="table", window=(7, 7), n_windows=64)),
@@ -47,6 +51,7 @@ def _shapes(quick):
         ("vit_b16", dict(B=64, H=12, D=64, kind="none", Nq=197, Nk=197)),
         ("dino_local", dict(B=512, H=6, D=64, kind="none", Nq=37, Nk=37)),
         ("cvt13_s1", dict(B=16, H=1, D=64, kind="none", Nq=3136, Nk=784)),
+        ("vit_nano", dict(B=128, H=3, D=32, kind="none", Nq=17, Nk=17)),
     ]
 
 
@@ -226,8 +231,8 @@ def _timed(build, spec, device, dtype, mode, warm=False):
 
 def _reason_for(backend, spec, device, dtype):
     nq, nk = _token_counts(spec)
-    q = torch.empty(1, spec["H"], nq, spec["D"], dtype=dtype, device="meta")
-    return "; ".join(_reasons(backend, device, q, q)) or None
+    q = torch.empty(0, spec["H"], nq, spec["D"], dtype=dtype, device=device)
+    return "; ".join(reasons(backend, q, q, q)) or None
 
 
 def cases(device, quick):

@@ -1,130 +1,148 @@
-"""A whole DINO training step: multi-crop forward of student and teacher, loss, backward, AdamW
-step and the momentum-teacher update.
+"""A whole DINO training step against what a user would pick instead: timm's ViT with lightly's
+head, loss and ``update_momentum``.
 
-Providers:
-- ``eager_official`` (baseline): the same ViT with the official DINO code's explicit attention
-  (``softmax(q k^T * scale) v`` materialised), the official pair-by-pair loss with its center
-  update, and the per-parameter EMA loop;
-- ``sdpa_official``: as the baseline with torch's ``scaled_dot_product_attention`` (timm's path);
-- ``ssl_fast[auto]``: ``ssl_fast.nn.Attention`` on the auto backend, ``ssl_fast.nn.DINOLoss`` and
-  ``MomentumTeacher.update``.
-CUDA: ViT-S/16, batch 64, 2 x 224 px + 8 x 96 px crops, K = 65536, bf16 autocast. CPU: a ViT-nano
-with 8-pixel patches on 32/16 px crops and K = 1024 (a smoke run, not the issue's target shape).
+One step: the teacher on the global crops, the student on every crop, equal-size crops
+concatenated into one backbone call per resolution (as the official DINO ``MultiCropWrapper``
+does), the head on all features at once, the loss, backward, AdamW step and the momentum update.
+
+Providers (the same timm model, the same head and the same crops, from one seed):
+
+- ``timm+lightly`` (baseline): ``timm`` ``VisionTransformer`` (its default attention path, torch
+  SDPA), ``lightly.models.modules.DINOProjectionHead``, ``lightly.loss.DINOLoss`` and
+  ``lightly.models.utils.update_momentum``;
+- ``ssl_fast``: that model after ``ssl_fast.patch`` (fused attention on the auto backend), the same
+  lightly head, ``ssl_fast.nn.DINOLoss`` and ``ssl_fast.update_momentum`` (lightly's signature).
+
+Before timing, one step of each from the same state is compared: the note gives the largest
+difference of the losses and of the student parameters after the step.
+
+Presets: ``digits`` (the main job's preset: ViT-nano, 96 wide, 4 blocks, 3 heads, 8-pixel patches,
+2 x 32 px + 4 x 16 px crops, head 256/64 with BatchNorm, K = 1024, batch 64) and ``vit_s16``
+(ViT-S/16, 2 x 224 px + 8 x 96 px crops, head 2048/256, K = 65536; batch 64 on CUDA with bf16
+autocast, 8 on the CPU in float32, 2 with ``--quick``).
 """
 import contextlib
-import copy
 
 import torch
-import torch.nn.functional as F
 
 import ssl_fast
-from benchmarks.cases.dino_loss import official_loop
 from benchmarks.harness import Case, Provider
-from ssl_fast.methods.dino import MultiCropWrapper
-from ssl_fast.models import create_model
-from ssl_fast.models.heads import DINOHead
-from ssl_fast.nn import Attention, DINOLoss, MomentumTeacher
 
-N_GLOBAL, N_LOCAL = 2, 8
-
-
-class EagerAttention(Attention):
-    """The official DINO ViT's attention: the probabilities are materialised."""
-
-    def forward(self, x, attn_mask=None):
-        b, n, _ = x.shape
-        q, k, v = self._qkv(x)
-        probs = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
-        out = (probs @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
+PRESETS = {
+    "digits": dict(model=dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3),
+                   head=dict(hidden_dim=256, bottleneck_dim=64, batch_norm=True), out_dim=1024,
+                   n_global=2, n_local=4, g_size=32, l_size=16, batch=64, quick_batch=16, cpu_batch=64),
+    "vit_s16": dict(model=dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+                    head=dict(hidden_dim=2048, bottleneck_dim=256, batch_norm=False), out_dim=65536,
+                    n_global=2, n_local=8, g_size=224, l_size=96, batch=64, quick_batch=2, cpu_batch=8),
+}
+MOMENTUM = 0.996
 
 
-class SdpaAttention(Attention):
-    """timm's fused path: torch's scaled_dot_product_attention."""
+def _models(p, device):
+    """(student backbone, student head): timm's ViT (class token, no classifier, any crop size)
+    and lightly's DINO head, from seed 0."""
+    import timm
+    from lightly.models.modules import DINOProjectionHead
 
-    def forward(self, x, attn_mask=None):
-        b, n, _ = x.shape
-        q, k, v = self._qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(out)))
-
-
-def _student(arch, out_dim, attention_cls, device):
     torch.manual_seed(0)
-    backbone = create_model(arch, drop_path_rate=0.1)
-    if attention_cls is not None:
-        for m in backbone.modules():
-            if type(m) is Attention:
-                m.__class__ = attention_cls
-    head = DINOHead(backbone.embed_dim, out_dim)
-    return MultiCropWrapper(backbone, head).to(device).train()
+    backbone = timm.models.vision_transformer.VisionTransformer(
+        num_classes=0, dynamic_img_size=True, drop_path_rate=0.0, **p["model"])
+    head = DINOProjectionHead(p["model"]["embed_dim"], output_dim=p["out_dim"], **p["head"])
+    return backbone.to(device).train(), head.to(device).train()
 
 
-def _crops(batch, g_size, l_size, device):
+def _crops(p, batch, device):
     gen = torch.Generator().manual_seed(1)
-    crops = [torch.randn(batch, 3, g_size, g_size, generator=gen) for _ in range(N_GLOBAL)]
-    crops += [torch.randn(batch, 3, l_size, l_size, generator=gen) for _ in range(N_LOCAL)]
+    crops = [torch.randn(batch, 3, p["g_size"], p["g_size"], generator=gen) for _ in range(p["n_global"])]
+    crops += [torch.randn(batch, 3, p["l_size"], p["l_size"], generator=gen) for _ in range(p["n_local"])]
     return [c.to(device) for c in crops]
 
 
-def _make(spec, device, fused, attention_cls=None):
-    arch, batch, g_size, l_size, out_dim, amp = spec
+def _multicrop(backbone, head, crops):
+    """Official DINO's MultiCropWrapper: one backbone call per run of equal-size crops."""
+    feats, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+            end += 1
+        feats.append(backbone(torch.cat(crops[start:end])))
+        start = end
+    return head(torch.cat(feats))
 
-    def make():
-        student = _student(arch, out_dim, None if fused else attention_cls, device)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.04)
-        crops = _crops(batch, g_size, l_size, device)
-        cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+def _build(p, batch, device, amp, fused):
+    """``(step, student parameters)``: one training step of the provider, from the shared seed."""
+    from lightly.loss import DINOLoss as LightlyDINOLoss
+    from lightly.models.utils import update_momentum as lightly_update_momentum
+
+    nets = []
+    for _ in range(2):  # student, teacher (lightly's weight-normed head cannot be deep-copied)
+        backbone, head = _models(p, device)
         if fused:
-            teacher = MomentumTeacher(student, 0.996, 1.0, total_steps=1000)
-            loss_fn = DINOLoss(out_dim, N_GLOBAL + N_LOCAL, 0.04, 0.04, 0, 10).to(device)
+            ssl_fast.patch(backbone)
+        nets.append(torch.nn.ModuleDict(dict(backbone=backbone, head=head)))
+    student, teacher = nets
+    teacher.load_state_dict(student.state_dict())
+    for t in teacher.parameters():
+        t.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.04)
+    crops = _crops(p, batch, device)
+    ng, nc = p["n_global"], p["n_global"] + p["n_local"]
+    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+    if fused:
+        loss_fn = ssl_fast.nn.DINOLoss(p["out_dim"], nc, 0.04, 0.04, 0, 10).to(device)
+        update = ssl_fast.update_momentum
+    else:
+        loss_fn = LightlyDINOLoss(p["out_dim"], 0.04, 0.04, warmup_teacher_temp_epochs=0).to(device)
+        update = lightly_update_momentum
 
-            def step():
-                with cast():
-                    t_out = teacher(crops[:N_GLOBAL])
-                    loss = loss_fn(student(crops), t_out, 0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                teacher.update()
-                return loss
-            return step
-
-        teacher = copy.deepcopy(student)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        center = torch.zeros(1, out_dim, device=device)
-        pairs = list(zip(student.parameters(), teacher.parameters()))
-
-        def step():
-            with cast():
-                with torch.no_grad():
-                    t_out = teacher(crops[:N_GLOBAL])
-                s_out = student(crops)
-                loss = official_loop(s_out.float(), t_out.float(), center, N_GLOBAL + N_LOCAL)
+    def step():
+        with cast():
             with torch.no_grad():
-                center.mul_(0.9).add_(t_out.float().mean(0, keepdim=True), alpha=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for ps, pt in pairs:
-                    pt.data.mul_(0.996).add_((1 - 0.996) * ps.detach().data)
-            return loss
-        return step
-    return make
+                t_out = _multicrop(teacher["backbone"], teacher["head"], crops[:ng])
+            s_out = _multicrop(student["backbone"], student["head"], crops)
+            if fused:
+                loss = loss_fn(s_out, t_out, 0)
+            else:
+                loss = loss_fn(list(t_out.chunk(ng)), list(s_out.chunk(nc)), epoch=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update(student, teacher, MOMENTUM)
+        return loss
+    return step, list(student.parameters())
+
+
+def _agreement(p, batch, device, amp) -> str:
+    """One step of both providers from the same state: the largest loss and parameter differences."""
+    ref_step, ref_params = _build(p, batch, device, amp, fused=False)
+    fast_step, fast_params = _build(p, batch, device, amp, fused=True)
+    dl = abs(ref_step().item() - fast_step().item())
+    with torch.no_grad():
+        dp = max((a - b).abs().max().item() for a, b in zip(ref_params, fast_params))
+    return f"one step from the same state: |loss diff| {dl:.2g}, max |param diff| {dp:.2g}"
 
 
 def cases(device, quick):
-    if device.type == "cuda":
-        spec = ("vit_small", 64, 224, 96, 65536, True)
-    else:
-        spec = ("vit_nano_p8", 8 if quick else 16, 32, 16, 1024, False)
-    arch, batch, g, l, k, amp = spec
-    case = Case("dino_step", f"{arch} B{batch} {N_GLOBAL}x{g}px+{N_LOCAL}x{l}px K={k} "
-                f"{'bf16 autocast' if amp else 'float32'}", "fwd_bwd", "eager_official")
-    case.providers.append(Provider("eager_official", _make(spec, device, False, EagerAttention)))
-    case.providers.append(Provider("sdpa_official", _make(spec, device, False, SdpaAttention)))
-    case.providers.append(Provider("ssl_fast[auto]", _make(spec, device, True)))
-    return [case]
+    amp = device.type == "cuda"
+    out = []
+    for name, p in PRESETS.items():
+        batch = p["batch"] if device.type == "cuda" else (p["quick_batch"] if quick else p["cpu_batch"])
+        shape = (f"{name} B{batch} {p['n_global']}x{p['g_size']}px+{p['n_local']}x{p['l_size']}px "
+                 f"K={p['out_dim']} {'bf16 autocast' if amp else 'float32'}")
+        case = Case("dino_step", shape, "fwd_bwd", "timm+lightly")
+
+        def make(p=p, batch=batch, fused=False):
+            return _build(p, batch, device, amp, fused)[0]
+
+        def make_fused(p=p, batch=batch):
+            note = _agreement(p, batch, device, amp)
+            fn = make(p, batch, fused=True)
+            fn.note = note
+            return fn
+
+        case.providers.append(Provider("timm+lightly", make))
+        case.providers.append(Provider("ssl_fast", make_fused))
+        out.append(case)
+    return out

@@ -20,9 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__AVX2__) && defined(__FMA__)) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "cpu/vec.h"
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -31,72 +29,8 @@ namespace {
 
 using at::Tensor;
 
-// Channel-block vector helpers: the kernels keep NV vectors of W channels in registers per
-// accumulator. Scalar<scalar_t, acc_t> (W = 1) is the portable fallback (and the channel tail);
-// Avx2F (W = 8, AVX2 + FMA) and Avx512F (W = 16) serve float inputs where the compiler targets
-// them. Wider is faster even where 512-bit FMAs are split in two (AMD Zen 4 measured 1.45x the
-// 256-bit FMA rate per thread): half the instructions for the same work.
-template <typename scalar_t, typename acc_t>
-struct Scalar {
-  using V = acc_t;
-  static constexpr int W = 1;
-  static V zero() { return acc_t(0); }
-  static V load(const acc_t* p) { return *p; }
-  static V loadx(const scalar_t* p) { return static_cast<acc_t>(*p); }
-  static void store(acc_t* p, V v) { *p = v; }
-  template <typename T> static void put(T* p, V v) { *p = static_cast<T>(v); }
-  static V fma(V a, V b, V c) { return a * b + c; }
-  static V add(V a, V b) { return a + b; }
-  static V sub(V a, V b) { return a - b; }
-  static V mul(V a, V b) { return a * b; }
-  static V set1(acc_t v) { return v; }
-  static void stream(acc_t* p, V v) { *p = v; }
-};
+using namespace ssl_fast::vec;
 
-#if defined(__AVX2__) && defined(__FMA__)
-struct Avx2F {
-  using V = __m256;
-  static constexpr int W = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V loadx(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  template <typename T> static void put(T* p, V v) {
-    static_assert(std::is_same_v<T, float>, "Avx2F stores float only");
-    _mm256_storeu_ps(p, v);
-  }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V set1(float v) { return _mm256_set1_ps(v); }
-  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
-};
-#endif
-
-#if defined(__AVX512F__)
-struct Avx512F {
-  using V = __m512;
-  static constexpr int W = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V loadx(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  template <typename T> static void put(T* p, V v) {
-    static_assert(std::is_same_v<T, float>, "Avx512F stores float only");
-    _mm512_storeu_ps(p, v);
-  }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V set1(float v) { return _mm512_set1_ps(v); }
-  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
-};
-#endif
-
-template <typename T> struct Tag { using type = T; };
-template <int N> using Int = std::integral_constant<int, N>;
 
 // Runs f(Tag<Ops>, Int<NV>, c0) over channel blocks [c0, c0 + NV * Ops::W) covering
 // [0, C): wide blocks first, then a scalar tail.

@@ -18,6 +18,7 @@
 // Inputs float32/float16/bfloat16/float64 (student and teacher may differ), center float32,
 // rows with any stride (stride(1) == 1). Accumulation in float (double if an input is double).
 #include <ATen/Dispatch.h>
+#include "cpu/vec.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -34,103 +35,7 @@
 
 namespace {
 
-// exp for float that GCC vectorises inside the loops below (std::exp does not without
-// -ffast-math): exp(x) = 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 (two-part ln 2),
-// e^r by Cephes' degree-6 polynomial (about 2 ulp); 2^n is applied as 2^h * 2^(n-h) so that
-// n = 128 does not overflow the exponent field. Below -87.3365 (where exp leaves the normal
-// range) the result is 0, not a subnormal; above 88.7228 it is inf; NaN stays NaN.
-inline float exp_vec(float x) {
-  constexpr float kLo = -87.3365f, kHi = 88.7228f;
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t half = ni >> 1;
-  const int32_t bits_a = (half + 127) << 23, bits_b = (ni - half + 127) << 23;
-  float scale_a, scale_b;
-  std::memcpy(&scale_a, &bits_a, sizeof(float));
-  std::memcpy(&scale_b, &bits_b, sizeof(float));
-  float y = er * scale_a * scale_b;
-  y = x < kLo ? 0.0f : y;
-  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
-  return x != x ? x : y;
-}
-
-inline double exp_vec(double x) { return std::exp(x); }
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SSL_FAST_HAVE_AVX2 1
-// exp of 8 floats: x = n ln2 + r (two-part ln 2), e^r by a degree-6 polynomial, 2^n applied
-// as 2^(n/2) * 2^(n - n/2) so that n = 128 cannot overflow the exponent; below -87.3365 the
-// result is 0 (never a subnormal), above 88.7228 it is inf, and NaN stays NaN.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365f), hi = _mm256_set1_ps(88.7228f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 er = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i half = _mm256_srai_epi32(ni, 1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 sa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
-  const __m256 sb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(er, sa), sb);
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-// out[j] = exp((x[j] - c) * a) for j < k (out may be null, or equal to x); returns the sum.
-// With c = max_j x[j] and a > 0 every argument is <= 0 (no overflow) and tied maxima give 1.
-// GCC does not reliably vectorise exp_vec, so float runs 8 lanes at a time with AVX2/FMA
-// where the build has them; the lane sums are added in a fixed order (deterministic).
-template <typename Acc>
-Acc exp_affine(const Acc* x, int64_t k, Acc a, Acc c, Acc* out) {
-  Acc sum = 0;
-  int64_t j = 0;
-#ifdef SSL_FAST_HAVE_AVX2
-  if constexpr (std::is_same_v<Acc, float>) {
-    __m256 acc = _mm256_setzero_ps();
-    const __m256 va = _mm256_set1_ps(a), vc = _mm256_set1_ps(c);
-    for (; j + 8 <= k; j += 8) {
-      const __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vc), va));
-      if (out != nullptr) _mm256_storeu_ps(out + j, e);
-      acc = _mm256_add_ps(acc, e);
-    }
-    sum = hsum8(acc);
-  }
-#endif
-  for (; j < k; ++j) {
-    const Acc e = exp_vec((x[j] - c) * a);
-    if (out != nullptr) out[j] = e;
-    sum += e;
-  }
-  return sum;
-}
+using namespace ssl_fast::vec;
 
 // A row of S as Acc values: the row itself when S is Acc, else converted into `buf`, so that
 // the loops below read plain float/double arrays (which the compiler vectorises).
