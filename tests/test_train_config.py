@@ -32,9 +32,9 @@ def test_defaults_live_once_in_the_config():
     # the constructor's default config, from_context without options and the help text agree
     assert DINOConfig().out_dim == 65536 == config_from_options(DINOConfig, {"out_dim": None}).out_dim
     help_text = " ".join(_parser().format_help().split())
-    assert "(dino: 65536)" in help_text and "(byol: 0.99; care: 0.99)" in help_text
+    assert "(dino: 65536)" in help_text and "(byol: 0.99; care: 0.99" in help_text
     # a flag several methods share lists each method's default
-    assert "(byol: 4096; care: 4096; simsiam: 2048)" in help_text
+    assert "(byol: 4096; care: 4096;" in help_text and "simsiam: 2048)" in help_text
 
 
 def test_cli_options_are_the_config_fields():
@@ -55,7 +55,7 @@ def test_presets_fill_only_what_the_user_left_unset():
     cfg = resolve_config(TrainConfig(method="byol", epochs=3, options={"proj_dim": 8}))
     assert cfg.epochs == 3 and cfg.options["proj_dim"] == 8
     assert cfg.options["proj_hidden_dim"] == BYOL.presets["digits"]["options"]["proj_hidden_dim"]
-    assert cfg.optimizer == "sgd"
+    assert cfg.optimizer == BYOL.presets["digits"]["optimizer"]
 
 
 def test_bad_run_settings_name_the_flag():

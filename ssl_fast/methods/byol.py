@@ -7,15 +7,15 @@ per step, one fused EMA over every parameter). Each view goes through the networ
 :class:`~ssl_fast.nn.byol_loss.BYOLLoss`.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ssl_fast.data.augment import ViewSet
-from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
+from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
 from ssl_fast.methods.config import MOMENTUM, config_from_options, option
-from ssl_fast.methods.two_view import (Encoder, OnlineNetwork, TwoViewConfig, batchnorm_in_train_mode, eval_features,
+from ssl_fast.methods.two_view import (Encoder, MomentumTargetMethod, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, two_views)
 from ssl_fast.models import create_model
 from ssl_fast.models.heads import byol_mlp
@@ -39,18 +39,8 @@ DIGIT_RUN = dict(arch="resnet_mini", epochs=60, batch_size=64, image_size=16, op
                  warmup_epochs=2, weight_decay=1e-4, weight_decay_end=1e-4)
 
 
-def sync_batchnorm_on_gpu(*modules: nn.Module) -> List[nn.Module]:
-    """The modules with BatchNorm converted to SyncBatchNorm when they live on a GPU (as the
-    official BYOL/CARE code under data parallelism); on the CPU unchanged (SyncBatchNorm needs GPUs)."""
-    out = []
-    for m in modules:
-        on_gpu = any(p.is_cuda for p in m.parameters())
-        out.append(nn.SyncBatchNorm.convert_sync_batchnorm(m) if on_gpu else m)
-    return out
-
-
 @register_method("byol")
-class BYOL(SSLMethod):
+class BYOL(MomentumTargetMethod):
     """BYOL with any registered backbone returning ``[B, D]`` features (ResNets, ViTs, BoTNet).
 
     Args:
@@ -94,9 +84,7 @@ class BYOL(SSLMethod):
                                        total_steps=max(1, epochs * steps_per_epoch))
         self.loss_fn = BYOLLoss()
         self._optim = optim or OptimConfig()
-        # the module the forward pass calls (the student or its DDP wrapper), kept unregistered
-        object.__setattr__(self, "_forward_student", self.student)
-        batchnorm_in_train_mode(self.teacher.module)
+        self._finish_init()
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "BYOL":
@@ -108,28 +96,6 @@ class BYOL(SSLMethod):
                             weight_decay=1.5e-6, weight_decay_end=1.5e-6, optimizer="lars", momentum=0.9)
         return cls(backbone, ctx.epochs, ctx.steps_per_epoch, two_views(c, ctx), config=c, optim=optim)
 
-    # ---- the SSLMethod interface --------------------------------------------------------
-    def trainable(self) -> nn.Module:
-        return self.student
-
-    def optim_config(self) -> OptimConfig:
-        return self._optim
-
-    def train(self, mode: bool = True) -> "BYOL":
-        super().train(mode)
-        batchnorm_in_train_mode(self.teacher.module)
-        return self
-
-    def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """DDP-wrap the online network; on GPUs its BatchNorm (and the target's) become SyncBatchNorm."""
-        self.student, self.teacher.module = sync_batchnorm_on_gpu(self.student, self.teacher.module)
-        object.__setattr__(self.teacher, "_student", self.student.encoder)
-        batchnorm_in_train_mode(self.teacher.module)
-        object.__setattr__(self, "_forward_student", wrap(self.student))
-
-    def unwrap_distributed(self) -> None:
-        object.__setattr__(self, "_forward_student", self.student)
-
     def training_step(self, batch: Batch, epoch: int, step: int) -> Dict[str, Any]:
         """Two views; online prediction of each against the target projection of the other."""
         v1, v2 = self.views(batch.images, batch.generator, rows=batch.rows, total=batch.global_size)
@@ -137,10 +103,6 @@ class BYOL(SSLMethod):
         _, p2 = self._forward_student(v2)
         z1, z2 = self.teacher(v1), self.teacher(v2)
         return {"loss": self.loss_fn(p1, p2, z1, z2)}
-
-    def after_optimizer_step(self, epoch: int, step: int) -> Dict[str, float]:
-        """EMA update of the target; returns the momentum used."""
-        return {"momentum": self.teacher.update(self.student.encoder)}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

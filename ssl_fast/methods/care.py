@@ -20,17 +20,17 @@ after optimizer step k uses the momentum of step k (the official code applies it
 of step k + 1 with the momentum of step k + 1).
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ssl_fast.data.augment import ViewSet
-from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
-from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, BYOLConfig, sync_batchnorm_on_gpu
+from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
+from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, BYOLConfig
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
-from ssl_fast.methods.two_view import batchnorm_in_train_mode, eval_features, two_views
+from ssl_fast.methods.two_view import MomentumTargetMethod, eval_features, two_views
 from ssl_fast.models import create_model
 from ssl_fast.models.bot_stack import BoTStack
 from ssl_fast.models.heads import care_mlp
@@ -95,7 +95,7 @@ def stage_sizes(backbone: nn.Module, image_size: int) -> List[Tuple[int, int]]:
 
 
 @register_method("care")
-class CARE(SSLMethod):
+class CARE(MomentumTargetMethod):
     """CARE with a CNN backbone that has ``feature_maps`` (the ResNets and BoTNets).
 
     Args:
@@ -148,8 +148,7 @@ class CARE(SSLMethod):
                                        total_steps=max(1, epochs * steps_per_epoch))
         self.loss_fn = CARELoss(c.sup_weight)
         self._optim = optim or OptimConfig()
-        object.__setattr__(self, "_forward_student", self.student)
-        batchnorm_in_train_mode(self.teacher.module)
+        self._finish_init()
 
     @classmethod
     def from_context(cls, ctx: MethodContext) -> "CARE":
@@ -163,30 +162,9 @@ class CARE(SSLMethod):
                             weight_decay=1e-4, weight_decay_end=1e-4, optimizer="sgd", momentum=0.9)
         return cls(backbone, size, ctx.epochs, ctx.steps_per_epoch, two_views(c, ctx), config=c, optim=optim)
 
-    def trainable(self) -> nn.Module:
-        return self.student
-
-    def optim_config(self) -> OptimConfig:
-        return self._optim
-
     def param_groups(self) -> List[Dict[str, Any]]:
         """One group: the official code decays every parameter (biases and norms included)."""
         return [{"params": [p for p in self.student.parameters() if p.requires_grad], "apply_weight_decay": True}]
-
-    def train(self, mode: bool = True) -> "CARE":
-        super().train(mode)
-        batchnorm_in_train_mode(self.teacher.module)
-        return self
-
-    def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """DDP-wrap the online network; on GPUs BatchNorm becomes SyncBatchNorm (the official ``torchsync``)."""
-        self.student, self.teacher.module = sync_batchnorm_on_gpu(self.student, self.teacher.module)
-        object.__setattr__(self.teacher, "_student", self.student.encoder)
-        batchnorm_in_train_mode(self.teacher.module)
-        object.__setattr__(self, "_forward_student", wrap(self.student))
-
-    def unwrap_distributed(self) -> None:
-        object.__setattr__(self, "_forward_student", self.student)
 
     def training_step(self, batch: Batch, epoch: int, step: int) -> Dict[str, Any]:
         """Both streams on both views; each view's predictions against the target of the other view.
@@ -202,10 +180,6 @@ class CARE(SSLMethod):
             k_c2, k_t2 = (F.normalize(z, dim=1) for z in self.teacher(v1))
         parts = self.loss_fn(q_c1, q_c2, k_c1, k_c2, q_t1, q_t2, k_t1, k_t2)
         return {"loss": parts["loss"], **{k: v.detach() for k, v in parts.items() if k != "loss"}}
-
-    def after_optimizer_step(self, epoch: int, step: int) -> Dict[str, float]:
-        """EMA update of the target; returns the momentum used."""
-        return {"momentum": self.teacher.update(self.student.encoder)}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

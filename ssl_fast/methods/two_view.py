@@ -2,14 +2,14 @@
 evaluation of a CNN backbone. Each method keeps its own defaults in its own config class."""
 import argparse
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ssl_fast._argtypes import number
 from ssl_fast.data.augment import ViewSet, ViewSpec
-from ssl_fast.methods.base import MethodContext
+from ssl_fast.methods.base import MethodContext, OptimConfig, SSLMethod
 from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY, option
 from ssl_fast.methods.dino import crop_scale
 
@@ -113,3 +113,50 @@ def feature_width(backbone: nn.Module) -> int:
     if not hasattr(backbone, "num_features"):
         raise ValueError(f"backbone {type(backbone).__name__} has no num_features: it is not a feature extractor")
     return int(backbone.num_features)
+
+
+def sync_batchnorm_on_gpu(*modules: nn.Module) -> List[nn.Module]:
+    """The modules with BatchNorm converted to SyncBatchNorm when they live on a GPU (as the
+    official BYOL/CARE code under data parallelism); on the CPU unchanged (SyncBatchNorm needs GPUs)."""
+    out = []
+    for m in modules:
+        on_gpu = any(p.is_cuda for p in m.parameters())
+        out.append(nn.SyncBatchNorm.convert_sync_batchnorm(m) if on_gpu else m)
+    return out
+
+
+class MomentumTargetMethod(SSLMethod):
+    """What BYOL and CARE share: an online network ``self.student`` with an ``encoder`` that a
+    momentum target ``self.teacher`` (:class:`~ssl_fast.nn.MomentumTeacher`) copies, run with
+    batch statistics; DDP wraps the online network. Subclasses build ``student``, ``teacher``
+    and ``_optim``, then call :meth:`_finish_init`."""
+
+    def _finish_init(self) -> None:
+        # the module the forward pass calls (the student or its DDP wrapper), kept unregistered
+        object.__setattr__(self, "_forward_student", self.student)
+        batchnorm_in_train_mode(self.teacher.module)
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def optim_config(self) -> OptimConfig:
+        return self._optim
+
+    def train(self, mode: bool = True) -> "MomentumTargetMethod":
+        super().train(mode)
+        batchnorm_in_train_mode(self.teacher.module)
+        return self
+
+    def wrap_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DDP-wrap the online network; on GPUs its BatchNorm (and the target's) become SyncBatchNorm."""
+        self.student, self.teacher.module = sync_batchnorm_on_gpu(self.student, self.teacher.module)
+        object.__setattr__(self.teacher, "_student", self.student.encoder)
+        batchnorm_in_train_mode(self.teacher.module)
+        object.__setattr__(self, "_forward_student", wrap(self.student))
+
+    def unwrap_distributed(self) -> None:
+        object.__setattr__(self, "_forward_student", self.student)
+
+    def after_optimizer_step(self, epoch: int, step: int) -> Dict[str, float]:
+        """EMA update of the target; returns the momentum used."""
+        return {"momentum": self.teacher.update(self.student.encoder)}
