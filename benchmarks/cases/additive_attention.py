@@ -24,9 +24,10 @@ Cases:
   tanh per step. Before timing, the fused caption loss is checked against the eager one (relative
   difference at most 1e-4) and the outcome written in the row's note.
 
-Peak memory: CUDA's ``max_memory_allocated`` (by the harness); on the CPU the peak tensor memory
-of one call above what was held before it, from the profiler's allocation events
-(``benchmarks.cases.byol_step.cpu_peak_mb``), for the decoder step and the caption.
+Peak memory (by the harness): CUDA's ``max_memory_allocated``; on the CPU the peak of torch's
+allocations during one call above what was held before it, from the profiler's allocation events
+(``benchmarks.harness.cpu_peak_mb``; the C++ kernel's per-thread row buffers, a few KiB, are not
+counted).
 
 Shapes: issue 14's ``B=64, L=196 (14x14), D=2048, A=512``, decoder and embedding 512, a
 10000-word vocabulary, a 20-step caption, on the CPU and on CUDA; ``--quick`` runs
@@ -39,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cases.byol_step import cpu_peak_mb
 from benchmarks.harness import Case, Provider
 from ssl_fast.nn import AdditiveAttention
 from ssl_fast.ops.additive_attention import _reasons
@@ -144,10 +144,8 @@ def _pair(s: Shape, device):
     return fused, eager, encoder_out, captions, h, c
 
 
-def _finish(fn: Callable, device, note: str = "", peak: bool = False) -> Callable:
-    fn()  # warm-up before the harness times it
-    if peak and device.type == "cpu":
-        fn.peak_mb = cpu_peak_mb(fn)
+def _finish(fn: Callable, device, note: str = "") -> Callable:
+    fn()  # warm-up before the harness times it and takes its peak memory
     fn.note = note
     return fn
 
@@ -184,7 +182,7 @@ def _attention_step(s, device, provider, mode):
         def fn():
             context, alpha = call()
             (context.sum() + alpha.square().sum()).backward()
-    return _finish(fn, device, peak=True)
+    return _finish(fn, device)
 
 
 def _decoder_step(s, device, provider, mode):
@@ -200,7 +198,7 @@ def _decoder_step(s, device, provider, mode):
             if mode == "fwd_bwd":
                 (F.cross_entropy(preds, captions[:, 1]) + alpha.square().sum()).backward()
             return preds
-    return _finish(fn, device, peak=True)
+    return _finish(fn, device)
 
 
 def _check_equal_loss(fused, eager, encoder_out, captions, backend) -> str:
@@ -228,7 +226,7 @@ def _caption(s, device, provider):
         def fn():
             eager.zero_grad(set_to_none=True)
             eager.caption_loss(encoder_out, captions).backward()
-    return _finish(fn, device, note, peak=True)
+    return _finish(fn, device, note)
 
 
 def _providers(device, build, with_as_written=False):
