@@ -126,7 +126,9 @@ _METHOD_OPTIONS = {"dino": dict(out_dim=32, head_hidden_dim=32, head_bottleneck_
                    "byol": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32),
                    "simsiam": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=8),
                    "care": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, t_layers=1, t_heads=2,
-                                t_dim_head=8)}
+                                t_dim_head=8),
+                   "cvsa": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, conv_hidden_dim=16, conv_dim=8,
+                                saliency="spectral-residual")}
 
 
 def _options(method: str, arch: str) -> dict:
@@ -139,23 +141,26 @@ def _options(method: str, arch: str) -> dict:
 def _arch_method_cases():
     from ssl_fast.methods import list_methods
 
-    # CARE needs a CNN with stages (its transformer stream runs on layer3)
+    from ssl_fast.methods import get_method
+
+    # CARE and CVSA need a CNN with stages (CARE's transformer stream runs on layer3)
     return [(m, a) for m in list_methods() for a in _ARCHS
-            if m != "care" or hasattr(create_model(a), "feature_maps")]
+            if not get_method(m).requires_feature_maps or hasattr(create_model(a), "feature_maps")]
 
 
 @pytest.mark.parametrize("method,arch", _arch_method_cases())
 def test_every_listed_arch_trains_one_step_under_every_method(method, arch, tmp_path):
     """The CLI's code path (TrainConfig -> Trainer -> the method's from_context -> create_model) at
-    32 px with a batch of 2, one optimizer step. Before: cvt_13 and cvt_21 failed at start-up
+    32 px with a batch of 8, one optimizer step. Before: cvt_13 and cvt_21 failed at start-up
     (``CvT.__init__() got an unexpected keyword argument 'drop_path_rate'``)."""
     from ssl_fast.data import ImageSet
     from ssl_fast.train import TrainConfig, Trainer
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 0, 1, 0, 1])
-    data = (ImageSet(x[:4], y[:4], ["a", "b"]), ImageSet(x[4:], y[4:], ["a", "b"]))
-    cfg = TrainConfig(method=method, data="images", arch=arch, epochs=1, batch_size=2, image_size=32,
+    # a batch of 8: BatchNorm over 2 samples of a 1x1 map (ResNet-50 at 32 px) blows the step up
+    x, y = torch.rand(10, 3, 32, 32, generator=g), torch.tensor([0, 1] * 5)
+    data = (ImageSet(x[:8], y[:8], ["a", "b"]), ImageSet(x[8:], y[8:], ["a", "b"]))
+    cfg = TrainConfig(method=method, data="images", arch=arch, epochs=1, batch_size=8, image_size=32,
                       max_steps_per_epoch=1, out=str(tmp_path), device="cpu",
                       options=_options(method, arch))
     trainer = Trainer(cfg, data=data)

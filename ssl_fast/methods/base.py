@@ -101,6 +101,8 @@ class SSLMethod(nn.Module):
     presets: Dict[str, Dict[str, Any]] = {}
     #: metrics printed on the progress and epoch lines, as ``{name: format}``, e.g. ``{"momentum": "m {:.5f}"}``
     display_metrics: Dict[str, str] = {}
+    #: whether the method needs a backbone with stages (``feature_maps``), as CARE and CVSA do
+    requires_feature_maps: bool = False
 
     @classmethod
     def add_arguments(cls, parser) -> None:

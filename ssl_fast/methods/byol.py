@@ -17,7 +17,7 @@ from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_me
 from ssl_fast.methods.config import MOMENTUM, config_from_options, option
 from ssl_fast.methods.two_view import (Encoder, MomentumTargetMethod, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, two_views)
-from ssl_fast.models import create_model
+from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import byol_mlp
 from ssl_fast.nn import MomentumTeacher
 from ssl_fast.nn.byol_loss import BYOLLoss
@@ -90,7 +90,7 @@ class BYOL(MomentumTargetMethod):
     def from_context(cls, ctx: MethodContext) -> "BYOL":
         """Build BYOL for a run; ``ctx.options`` are :class:`BYOLConfig` fields (None = default)."""
         c = config_from_options(BYOLConfig, ctx.options)
-        backbone = create_model(ctx.arch, img_size=c.crop_size or ctx.image_size)
+        backbone = create_backbone(ctx.arch, c.crop_size or ctx.image_size)
         # BYOL's ImageNet settings: LARS, lr 0.2 x batch/256, wd 1.5e-6, 10 warm-up epochs, cosine
         optim = OptimConfig(base_lr=0.2, min_lr=0.0, warmup_epochs=min(10, max(ctx.epochs // 10, 0)),
                             weight_decay=1.5e-6, weight_decay_end=1.5e-6, optimizer="lars", momentum=0.9)

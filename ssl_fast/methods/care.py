@@ -31,7 +31,7 @@ from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_me
 from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, BYOLConfig
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
 from ssl_fast.methods.two_view import MomentumTargetMethod, eval_features, two_views
-from ssl_fast.models import create_model
+from ssl_fast.models import create_backbone
 from ssl_fast.models.bot_stack import BoTStack
 from ssl_fast.models.heads import care_mlp
 from ssl_fast.nn import MomentumTeacher
@@ -114,6 +114,7 @@ class CARE(MomentumTargetMethod):
     """
 
     config_class = CAREConfig
+    requires_feature_maps = True
     display_metrics = {"momentum": "m {:.5f}", "loss_sup": "sup {:.4f}"}
     presets = {
         "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
@@ -155,7 +156,7 @@ class CARE(MomentumTargetMethod):
         """Build CARE for a run; ``ctx.options`` are :class:`CAREConfig` fields (None = default)."""
         c = config_from_options(CAREConfig, ctx.options)
         size = c.crop_size or ctx.image_size
-        backbone = create_model(ctx.arch, img_size=size)
+        backbone = create_backbone(ctx.arch, size)
         if not hasattr(backbone, "feature_maps"):
             raise ValueError(f"--arch {ctx.arch} has no feature maps; CARE needs a CNN backbone (resnet*, botnet*)")
         optim = OptimConfig(base_lr=0.05, min_lr=0.0, warmup_epochs=min(10, max(ctx.epochs // 10, 0)),

@@ -44,7 +44,7 @@ from ssl_fast.methods.byol import BYOL, DIGIT_VIEWS, BYOLConfig
 from ssl_fast.methods.care import stage_sizes
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
 from ssl_fast.methods.two_view import PROBABILITY_PAIR, Encoder, OnlineNetwork, eval_features
-from ssl_fast.models import create_model
+from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import byol_mlp
 from ssl_fast.nn import MomentumTeacher, SaliencyAlignmentLoss
 from ssl_fast.ops.attention import attention_probs
@@ -156,6 +156,7 @@ class CVSA(BYOL):
     """
 
     config_class = CVSAConfig
+    requires_feature_maps = True
     display_metrics = {"momentum": "m {:.5f}", "loss_byol": "byol {:.4f}", "loss_align": "align {:.4f}"}
     presets = {
         "cluttered-digits": dict(arch="resnet_mini", epochs=20, batch_size=64, image_size=32, lr=0.4,
@@ -203,7 +204,7 @@ class CVSA(BYOL):
         if c.saliency == "dino" and not c.saliency_checkpoint:
             raise ValueError("--saliency dino needs --saliency-checkpoint (an ssl-fast pretrain checkpoint of DINO)")
         size = c.crop_size or ctx.image_size
-        backbone = create_model(ctx.arch, img_size=size)
+        backbone = create_backbone(ctx.arch, size)
         if not hasattr(backbone, "feature_maps"):
             raise ValueError(f"--arch {ctx.arch} has no feature maps; CVSA needs a CNN backbone (resnet*, botnet*)")
         fh, fw = stage_sizes(backbone, size)[-1]

@@ -16,7 +16,7 @@ from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
 from ssl_fast.methods.two_view import (PROBABILITY_PAIR, Encoder, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, sync_batchnorm_on_gpu, two_views)
-from ssl_fast.models import create_model
+from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import simsiam_predictor, simsiam_projector
 from ssl_fast.nn.simsiam_loss import SimSiamLoss
 
@@ -72,7 +72,7 @@ class SimSiam(SSLMethod):
     def from_context(cls, ctx: MethodContext) -> "SimSiam":
         """Build SimSiam for a run; ``ctx.options`` are :class:`SimSiamConfig` fields (None = default)."""
         c = config_from_options(SimSiamConfig, ctx.options)
-        backbone = create_model(ctx.arch, img_size=c.crop_size or ctx.image_size)
+        backbone = create_backbone(ctx.arch, c.crop_size or ctx.image_size)
         # the paper: SGD, lr 0.05 x batch/256, momentum 0.9, wd 1e-4, cosine, no warm-up
         optim = OptimConfig(base_lr=0.05, min_lr=0.0, warmup_epochs=0, weight_decay=1e-4, weight_decay_end=1e-4,
                             optimizer="sgd", momentum=0.9)

@@ -2,12 +2,12 @@
 import importlib
 import importlib.util
 
-from ssl_fast.models.registry import create_model, is_model, list_models, register_model
+from ssl_fast.models.registry import create_backbone, create_model, is_model, list_models, register_model
 from ssl_fast.models import vit  # noqa: F401  (registers the ViTs)
 from ssl_fast.models.heads import DINOHead
 from ssl_fast.models.vit import VisionTransformer
 
-__all__ = ["DINOHead", "VisionTransformer", "create_model", "is_model", "list_models", "register_model"]
+__all__ = ["DINOHead", "VisionTransformer", "create_backbone", "create_model", "is_model", "list_models", "register_model"]
 
 # Model files register themselves on import. Optional ones (written in parallel) are imported
 # only when their file exists; an error inside an existing file is raised, never hidden.

@@ -55,3 +55,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models()) or '(none)'}")
     return _MODELS[name](**kwargs)
+
+
+def create_backbone(name: str, img_size: int, **kwargs) -> nn.Module:
+    """``create_model(name, **kwargs)``, built for ``img_size`` when the model takes one input size
+    only (``fixed_input_size``, as BoTNet's position tables); other models get no ``img_size``
+    (they take any size, and not every constructor accepts it)."""
+    model = create_model(name, **kwargs)
+    if getattr(model, "fixed_input_size", False):
+        model = create_model(name, img_size=img_size, **kwargs)
+    return model
