@@ -116,10 +116,11 @@ class CARE(MomentumTargetMethod):
     config_class = CAREConfig
     requires_feature_maps = True
     display_metrics = {"momentum": "m {:.5f}", "loss_sup": "sup {:.4f}"}
+    # digits: lambda 10 instead of the official 100 (validation k-NN 96.52% against 93.73%, 60 epochs)
     presets = {
         "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
                                                  momentum_target=0.99, t_layers=2, t_heads=4, t_dim_head=16,
-                                                 **DIGIT_VIEWS)),
+                                                 sup_weight=10.0, **DIGIT_VIEWS)),
         "default": dict(arch="resnet50", epochs=100, batch_size=256, image_size=224, optimizer="sgd"),
     }
 
