@@ -4,9 +4,9 @@ A :class:`Case` is one (op, shape, mode) with several providers, timed side by s
 process; ratios are speed-ups against the case's baseline provider (``baseline_ms / ms``).
 CUDA timings use ``triton.testing.do_bench`` (L2 flushed between runs); CPU timings use warm-up
 then repeated ``perf_counter`` timing. Peak memory is CUDA's ``max_memory_allocated`` above the
-memory held before the provider ran; on the CPU it is measured only where the function that
-``make()`` returns carries its own figure as a ``peak_mb`` attribute. A ``note`` attribute on that
-function (e.g. an equality check's outcome) is recorded with the row.
+memory held before the provider ran; on the CPU :func:`cpu_peak_mb` over one call, unless the
+function that ``make()`` returns carries its own figure as a ``peak_mb`` attribute. A ``note``
+attribute on that function (e.g. an equality check's outcome) is recorded with the row.
 """
 import csv
 import datetime
