@@ -208,6 +208,25 @@ def ema_cases(quick):
             yield (f"ema {_name(e_dtype)}<-{_name(s_dtype)} momentum {'tensor' if with_tensor else 'float'}", run)
 
 
+def additive_attention_cases(quick):
+    from ssl_fast.kernels import additive_attention as k
+
+    # Show-Attend-Tell: 14x14 VGG/ResNet grid (L=196), D=512 or 2048 features, A=512 attention units
+    shapes = [(196, 512, 512, False), (196, 2048, 512, True)]
+    if not quick:
+        shapes += [(49, 2048, 256, False), (1, 64, 1, True)]
+    for L, D, A, with_mask in shapes:
+        for dtype in _dtypes(quick):
+            def run(L=L, D=D, A=A, with_mask=with_mask, dtype=dtype):
+                B = 4
+                a, Ua = torch.randn(B, L, D, dtype=dtype), torch.randn(B, L, A, dtype=dtype)
+                Wh, w = torch.randn(B, A, dtype=dtype), torch.randn(A, dtype=dtype)
+                mask = torch.ones(B, L, dtype=torch.bool) if with_mask else None
+                context, alpha = k.forward(a, Ua, Wh, w, mask)
+                k.backward(torch.randn_like(context), torch.randn_like(alpha), a, Ua, Wh, w, alpha)
+            yield f"additive_attention L{L} D{D} A{A}{' mask' if with_mask else ''} {_name(dtype)}", run
+
+
 def all_kernels() -> set:
     """Names of the launchable kernels (module-level ``*_kernel`` JIT functions) in ssl_fast.kernels."""
     import importlib
@@ -244,7 +263,8 @@ def main(argv=None) -> int:
 
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", args.arch, 32)))
     cases = [*conv_projection_cases(args.quick), *attention_cases(args.quick),
-             *dino_loss_cases(args.quick, args.sms), *ema_cases(args.quick)]
+             *dino_loss_cases(args.quick, args.sms), *ema_cases(args.quick),
+             *additive_attention_cases(args.quick)]
     limit = SHARED_LIMIT[args.arch]
     with Recorder() as rec:
         for label, run in cases:
