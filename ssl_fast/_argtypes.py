@@ -7,6 +7,8 @@ import argparse
 import math
 from typing import Callable, Optional
 
+import torch
+
 
 def number(kind: type = float, lo: Optional[float] = None, hi: Optional[float] = None,
            lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
@@ -39,3 +41,24 @@ def number(kind: type = float, lo: Optional[float] = None, hi: Optional[float] =
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def device(text: str) -> str:
+    """``--device`` value: ``auto``, ``cpu``, or a CUDA device this machine has."""
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"device type {dev.type!r} ({text!r}) is not supported; "
+                                         "use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU but CUDA is not available here; use cpu or auto")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    return text

@@ -28,6 +28,19 @@ def test_every_method_has_a_digits_preset_and_a_default(method):
     assert set(cls.presets["digits"]["options"]) <= set(cls.config_class.__dataclass_fields__)
 
 
+def test_a_data_and_arch_preset_wins_when_the_user_picks_that_arch():
+    # DINO on the digits: a CNN by default, its own ViT recipe (multi-crop, 32 px) under --arch vit_nano_p8
+    cnn = resolve_config(TrainConfig(method="dino"))
+    vit = resolve_config(TrainConfig(method="dino", arch="vit_nano_p8"))
+    assert cnn.arch == "resnet_mini" and cnn.image_size == 16 and cnn.options["local_crops"] == 0
+    assert vit.arch == "vit_nano_p8" and vit.image_size == 32 and vit.options["local_crops"] == 4
+    assert vit.options["global_crops_scale"] == DINO.presets["digits/vit_nano_p8"]["options"]["global_crops_scale"]
+    # another arch has no preset of its own: the data's preset fills the rest
+    other = resolve_config(TrainConfig(method="dino", arch="vit_nano_p4"))
+    assert other.arch == "vit_nano_p4" and other.image_size == 16
+    assert DINO.preset_for("cifar10:/x", "vit_nano_p8") is DINO.presets["default"]
+
+
 def test_defaults_live_once_in_the_config():
     # the constructor's default config, from_context without options and the help text agree
     assert DINOConfig().out_dim == 65536 == config_from_options(DINOConfig, {"out_dim": None}).out_dim

@@ -301,16 +301,19 @@ class MultiCrop(ViewSet):
         flip_p: horizontal-flip probability (0 for data whose meaning changes under a flip).
         jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)``.
         jitter_p, grey_p: probabilities of colour jitter and grayscale.
+        noise_p, noise_std: probability and std range of additive Gaussian noise on every view.
     """
 
     def __init__(self, global_size: int, local_size: int, n_local: int,
                  global_scale: Tuple[float, float] = (0.4, 1.0), local_scale: Tuple[float, float] = (0.05, 0.4),
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                  flip_p: float = 0.5, jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
-                 jitter_p: float = 0.8, grey_p: float = 0.2):
+                 jitter_p: float = 0.8, grey_p: float = 0.2, noise_p: float = 0.0,
+                 noise_std: Tuple[float, float] = (0.0, 0.1)):
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
-        common = dict(flip_p=flip_p, jitter=jitter, jitter_p=jitter_p, grey_p=grey_p)
+        common = dict(flip_p=flip_p, jitter=tuple(jitter), jitter_p=jitter_p, grey_p=grey_p, noise_p=noise_p,
+                      noise_std=tuple(noise_std))
         self.specs: List[ViewSpec] = [
             ViewSpec(global_size, tuple(global_scale), blur_p=1.0, **common),
             ViewSpec(global_size, tuple(global_scale), blur_p=0.1, solarize_p=0.2, **common),

@@ -113,10 +113,13 @@ class SSLMethod(nn.Module):
             add_config_arguments(parser, cls.name, cls.config_class)
 
     @classmethod
-    def preset_for(cls, data: str) -> Dict[str, Any]:
-        """The preset for data set ``data`` (``digits``, ``cifar10:...``, a folder): an exact name's
-        own preset, else ``default``, else an empty one."""
+    def preset_for(cls, data: str, arch: Optional[str] = None) -> Dict[str, Any]:
+        """The preset for data set ``data`` (``digits``, ``cifar10:...``, a folder) and, when the user
+        chose one, backbone ``arch``: the ``"<data name>/<arch>"`` preset if the method has one, else
+        the data name's own preset, else ``default``, else an empty one."""
         name = data.split(":", 1)[0]
+        if arch is not None and f"{name}/{arch}" in cls.presets:
+            return cls.presets[f"{name}/{arch}"]
         return cls.presets.get(name, cls.presets.get("default", {}))
 
     def describe(self, metrics: Dict[str, float]) -> str:

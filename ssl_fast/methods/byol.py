@@ -15,6 +15,7 @@ from torch import nn
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
 from ssl_fast.methods.config import MOMENTUM, config_from_options, option
+from ssl_fast.methods.digits import DIGIT_RUN, DIGIT_VIEWS
 from ssl_fast.methods.two_view import (Encoder, MomentumTargetMethod, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, two_views)
 from ssl_fast.models import create_backbone
@@ -27,16 +28,6 @@ from ssl_fast.nn.byol_loss import BYOLLoss
 class BYOLConfig(TwoViewConfig):
     """BYOL's options: the two-view heads and views, and the target's momentum."""
     momentum_target: float = option(0.99, "base momentum of the target network (cosine to 1)", MOMENTUM)
-
-
-#: the digits presets of the two-view methods share these views: no flips (digits are not
-#: symmetric), mild crops, strong brightness/contrast and noise (photometric changes matter most
-#: here), and the optimizer: AdamW at 2e-3 for a batch of 64 (SGD at 0.025-0.1 stayed near 92%
-#: validation k-NN in 40 epochs). Chosen on --eval-split val only.
-DIGIT_VIEWS = dict(crops_scale=(0.6, 1.0), flip_p=0.0, jitter=(0.6, 0.6, 0.0, 0.0), jitter_p=0.9, grey_p=0.0,
-                   noise_p=0.5, noise_std=0.15)
-DIGIT_RUN = dict(arch="resnet_mini", epochs=60, batch_size=64, image_size=16, optimizer="adamw", lr=8e-3,
-                 warmup_epochs=2, weight_decay=1e-4, weight_decay_end=1e-4)
 
 
 @register_method("byol")

@@ -28,8 +28,9 @@ from torch import nn
 
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
-from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS, BYOLConfig
+from ssl_fast.methods.byol import BYOLConfig
 from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
+from ssl_fast.methods.digits import DIGIT_RUN, DIGIT_VIEWS
 from ssl_fast.methods.two_view import MomentumTargetMethod, eval_features, two_views
 from ssl_fast.models import create_backbone
 from ssl_fast.models.bot_stack import BoTStack

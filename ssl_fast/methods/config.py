@@ -27,6 +27,28 @@ T = TypeVar("T")
 PROBABILITY = number(float, 0, 1)
 MOMENTUM = number(float, 0, 1)
 POSITIVE_INT = number(int, 1)
+NON_NEGATIVE = number(float, 0)
+
+
+def numbers(count: int, lo: float, hi: Optional[float]):
+    """argparse type of ``count`` comma-separated numbers in ``[lo, hi]``."""
+    one = number(float, lo, hi)
+
+    def parse(text) -> tuple:
+        if isinstance(text, (tuple, list)):
+            return tuple(float(v) for v in text)
+        parts = str(text).replace(",", " ").split()
+        if len(parts) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        return tuple(one(p) for p in parts)
+
+    parse.__name__ = f"{count} numbers"
+    return parse
+
+
+#: ``lo,hi`` probabilities of view 1 and view 2; colour-jitter strengths ``brightness,contrast,saturation,hue``
+PROBABILITY_PAIR = numbers(2, 0, 1)
+JITTER = numbers(4, 0, None)
 
 
 def option(default: Any, help: str, type: Optional[Callable[[str], Any]] = None, choices=None,

@@ -40,10 +40,11 @@ from ssl_fast.data.saliency import SOURCES, SaliencyLookup, compute_saliency
 from ssl_fast.data.saliency_swap import SaliencySwap
 from ssl_fast._argtypes import number
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
-from ssl_fast.methods.byol import BYOL, DIGIT_VIEWS, BYOLConfig
+from ssl_fast.methods.byol import BYOL, BYOLConfig
+from ssl_fast.methods.digits import DIGIT_VIEWS
 from ssl_fast.methods.care import stage_sizes
-from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
-from ssl_fast.methods.two_view import PROBABILITY_PAIR, Encoder, OnlineNetwork, eval_features
+from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY_PAIR, config_from_options, option
+from ssl_fast.methods.two_view import Encoder, OnlineNetwork, eval_features
 from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import byol_mlp
 from ssl_fast.nn import MomentumTeacher, SaliencyAlignmentLoss

@@ -12,9 +12,9 @@ from torch import nn
 
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
-from ssl_fast.methods.byol import DIGIT_RUN, DIGIT_VIEWS
-from ssl_fast.methods.config import POSITIVE_INT, config_from_options, option
-from ssl_fast.methods.two_view import (PROBABILITY_PAIR, Encoder, OnlineNetwork, TwoViewConfig, eval_features,
+from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY_PAIR, config_from_options, option
+from ssl_fast.methods.digits import DIGIT_RUN, DIGIT_VIEWS
+from ssl_fast.methods.two_view import (Encoder, OnlineNetwork, TwoViewConfig, eval_features,
                                        feature_width, sync_batchnorm_on_gpu, two_views)
 from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import simsiam_predictor, simsiam_projector

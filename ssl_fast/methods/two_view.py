@@ -1,37 +1,15 @@
 """What the two-view methods (BYOL, SimSiam, CARE) share: their view options, the views, and the
 evaluation of a CNN backbone. Each method keeps its own defaults in its own config class."""
-import argparse
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ssl_fast._argtypes import number
 from ssl_fast.data.augment import ViewSet, ViewSpec
 from ssl_fast.methods.base import MethodContext, OptimConfig, SSLMethod
-from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY, option
+from ssl_fast.methods.config import JITTER, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, PROBABILITY_PAIR, option
 from ssl_fast.methods.dino import crop_scale
-
-
-def _numbers(count: int, lo: float, hi: Optional[float]):
-    """argparse type of ``count`` comma-separated numbers in ``[lo, hi]``."""
-    one = number(float, lo, hi)
-
-    def parse(text) -> tuple:
-        if isinstance(text, (tuple, list)):
-            return tuple(float(v) for v in text)
-        parts = str(text).replace(",", " ").split()
-        if len(parts) != count:
-            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
-        return tuple(one(p) for p in parts)
-
-    parse.__name__ = f"{count} numbers"
-    return parse
-
-
-PROBABILITY_PAIR = _numbers(2, 0, 1)
-JITTER = _numbers(4, 0, None)
 
 
 @dataclass
@@ -50,7 +28,7 @@ class TwoViewConfig:
     blur_p: tuple = option((1.0, 0.1), "Gaussian-blur probability of view 1,view 2", PROBABILITY_PAIR)
     solarize_p: tuple = option((0.0, 0.2), "solarisation probability of view 1,view 2", PROBABILITY_PAIR)
     noise_p: float = option(0.0, "probability of additive Gaussian noise", PROBABILITY)
-    noise_std: float = option(0.1, "largest std of the Gaussian noise (drawn in [0, this])", number(float, 0))
+    noise_std: float = option(0.1, "largest std of the Gaussian noise (drawn in [0, this])", NON_NEGATIVE)
 
 
 def two_views(c: TwoViewConfig, ctx: MethodContext) -> ViewSet:

@@ -11,9 +11,7 @@ import tempfile
 import warnings
 from typing import Optional
 
-import torch
-
-from ssl_fast._argtypes import number
+from ssl_fast._argtypes import device, number
 from ssl_fast.data.datasets import BAD_IMAGE_POLICIES, BadImageWarning, load_dataset
 from ssl_fast.methods import get_method, list_methods
 from ssl_fast.models import is_model, list_models
@@ -38,27 +36,6 @@ class CLIParser(argparse.ArgumentParser):
     def error(self, message: str):
         """Print the one-line error and the hint; exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message}\nrun '{self.prog} --help' for the options\n")
-
-
-def _device(text: str) -> str:
-    """``--device`` value: ``auto``, ``cpu``, or a CUDA device this machine has."""
-    if text == "auto":
-        return text
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return text
-    if dev.type != "cuda":
-        raise argparse.ArgumentTypeError(f"device type {dev.type!r} ({text!r}) is not supported; "
-                                         "use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU but CUDA is not available here; use cpu or auto")
-    n = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= n:
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
-    return text
 
 
 def check_out_folder(out: str) -> Optional[str]:
@@ -120,7 +97,7 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
                         "--method cvsa --init runs/byol-.../checkpoint.pth); ignored with --resume")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh even though --out holds an earlier run's checkpoint (it is replaced)")
-    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", type=device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
                    help="bf16 autocast (auto: on GPUs only)")

@@ -104,7 +104,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             the method does not have, bad numbers.
     """
     cls = get_method(cfg.method)  # raises with the list of methods
-    preset = cls.preset_for(cfg.data)
+    preset = cls.preset_for(cfg.data, cfg.arch)
     out = TrainConfig(**{**asdict(cfg), "options": dict(cfg.options)})
     for name in PRESET_FIELDS:
         if getattr(out, name) is None and name in preset:

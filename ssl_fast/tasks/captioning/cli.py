@@ -11,29 +11,8 @@ from typing import Optional
 
 import torch
 
-from ssl_fast._argtypes import number
+from ssl_fast._argtypes import device, number
 from ssl_fast.tasks.captioning.task import SCENES, CaptionConfig
-
-
-def _device(text: str) -> str:
-    """``--device`` value: ``auto``, ``cpu``, or a CUDA device this machine has."""
-    if text == "auto":
-        return text
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return text
-    if dev.type != "cuda":
-        raise argparse.ArgumentTypeError(f"device type {dev.type!r} ({text!r}) is not supported; "
-                                         "use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU but CUDA is not available here; use cpu or auto")
-    n = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= n:
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
-    return text
 
 
 def _stage_or_none(text: str) -> Optional[int]:
@@ -119,7 +98,7 @@ def add_caption_parser(sub) -> argparse.ArgumentParser:
                    help="checkpoint file or folder to continue from, or 'auto' (the checkpoint in --out, if any)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even though --out holds a checkpoint")
     p.add_argument("--seed", type=number(int, 0), default=d.seed)
-    p.add_argument("--device", type=_device, default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device, default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--stop-after-epochs", type=number(int, 1), default=None,
                    help="stop after this many epochs in total (the schedule still spans --epochs); continue with --resume")
     p.add_argument("--log-every", type=number(int, 1), default=d.log_every, help="progress line every N steps")
