@@ -16,8 +16,9 @@ Providers (the same timm model, the same head and the same crops, from one seed)
 Before timing, one step of each from the same state is compared: the note gives the largest
 difference of the losses and of the student parameters after the step.
 
-Presets: ``digits`` (the main job's preset: ViT-nano, 96 wide, 4 blocks, 3 heads, 8-pixel patches,
-2 x 32 px + 4 x 16 px crops, head 256/64 with BatchNorm, K = 1024, batch 64) and ``vit_s16``
+Presets: ``digits`` (DINO's ViT digits preset ``digits/vit_nano_p8``: ViT-nano, 96 wide, 4 blocks,
+3 heads, 8-pixel patches, 2 x 32 px + 4 x 16 px crops, head 256/64 with BatchNorm, K = 1024, batch
+64) and ``vit_s16``
 (ViT-S/16, 2 x 224 px + 8 x 96 px crops, head 2048/256, K = 65536; batch 64 on CUDA with bf16
 autocast, 8 on the CPU in float32, 2 with ``--quick``).
 """
