@@ -149,7 +149,7 @@ def _commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                  ":(exclude)benchmarks/results", ":(exclude)*.md"], cwd=root,
+                                  ":(exclude)benchmarks/results", ":(exclude)docs", ":(exclude)*.md"], cwd=root,
                                  capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if changed else "")
     except Exception:
