@@ -37,9 +37,9 @@ def test_huge_lr_never_leaves_a_non_finite_checkpoint_called_good(tmp_path):
     data = (ImageSet(tr.images[:32], tr.labels[:32], tr.classes, "train32"),
             ImageSet(te.images[:20], te.labels[:20], te.classes, "test20"))
     out = tmp_path / "run"
-    # DINO's ViT digits preset (vit_nano_p8, head BatchNorm, out_dim 1024), as `ssl-fast pretrain --arch vit_nano_p8 --lr 3e4
-    # --max-steps-per-epoch 1 --warmup-epochs 2` runs it, on 32 images (the warm-up lets two epochs finish
-    # before the loss goes non-finite, so that there is a previous checkpoint to name)
+    # DINO's ViT digits preset (vit_nano_p8, head BatchNorm, out_dim 1024), as `ssl-fast pretrain --arch
+    # vit_nano_p8 --lr 3e4 --max-steps-per-epoch 1 --warmup-epochs 2` runs it, on 32 images (the warm-up lets
+    # two epochs finish before the loss goes non-finite, so that there is a previous checkpoint to name)
     cfg = TrainConfig(arch="vit_nano_p8", epochs=30, batch_size=32, max_steps_per_epoch=1, lr=3e4, warmup_epochs=2,
                       out=str(out), log_every=1, attention_images=1, knn_k=5, device="cpu")
     with pytest.raises(NonFiniteLossError) as e:
