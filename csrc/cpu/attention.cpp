@@ -134,18 +134,8 @@ struct Bias {
     for (int64_t r = 0; r < bq; ++r) {
       const int64_t i = i0 + r, yi = i / qw, xi = i % qw;
       const acc_t* qi = q + r * D;
-      for (int64_t ky = 0; ky < kh; ++ky) {
-        const acc_t* t = rel_h + idx_h[yi * kh + ky] * D;
-        acc_t s = 0;
-        for (int64_t d = 0; d < D; ++d) s += qi[d] * t[d];
-        rh[r * kh + ky] = s;
-      }
-      for (int64_t kx = 0; kx < kw; ++kx) {
-        const acc_t* t = rel_w + idx_w[xi * kw + kx] * D;
-        acc_t s = 0;
-        for (int64_t d = 0; d < D; ++d) s += qi[d] * t[d];
-        rw[r * kw + kx] = s;
-      }
+      for (int64_t ky = 0; ky < kh; ++ky) rh[r * kh + ky] = ssl_fast::vec::dot(qi, rel_h + idx_h[yi * kh + ky] * D, D);
+      for (int64_t kx = 0; kx < kw; ++kx) rw[r * kw + kx] = ssl_fast::vec::dot(qi, rel_w + idx_w[xi * kw + kx] * D, D);
     }
   }
 
@@ -172,9 +162,15 @@ struct Bias {
         const acc_t* a = rh + r * kh;
         const acc_t* e = rw + r * kw;
         int64_t ky = j0 / kw, kx = j0 % kw;
-        for (int64_t c = 0; c < bk; ++c) {
-          s[c] += a[ky] + e[kx];
-          if (++kx == kw) kx = 0, ++ky;
+        for (int64_t c = 0; c < bk;) {  // one run of keys per key row: a[ky] + e[kx .. kx + run)
+          const int64_t run = std::min(kw - kx, bk - c);
+          const acc_t av = a[ky];
+          acc_t* sc = s + c;
+          const acc_t* ec = e + kx;
+          for (int64_t t = 0; t < run; ++t) sc[t] += av + ec[t];
+          c += run;
+          kx += run;
+          if (kx == kw) kx = 0, ++ky;
         }
       }
       if (amask != nullptr) {
@@ -317,12 +313,8 @@ void forward_kernel(const Prepared& P, const Bias<acc_t>& bias, acc_t scale, acc
         bias.add(S.data(), bk_max, b, h, i0, bq, j0, bk, rh.data(), rw.data());
         for (int64_t r = 0; r < bq; ++r) {
           acc_t* s = S.data() + r * bk_max;
-          acc_t mx = -kInf;
           bool nan = false;
-          for (int64_t c = 0; c < bk; ++c) {
-            mx = s[c] > mx ? s[c] : mx;
-            nan |= s[c] != s[c];
-          }
+          const acc_t mx = ssl_fast::vec::max_and_nan(s, bk, &nan);
           acc_t m_new = std::max(m[r], mx);
           if (nan || m[r] != m[r]) m_new = std::numeric_limits<acc_t>::quiet_NaN();
           if (m_new == -kInf) {  // every key so far masked: nothing to add
@@ -457,10 +449,12 @@ void backward_kernel(const Prepared& P, const Bias<acc_t>& bias, acc_t scale, co
               acc_t* a = drh.data() + r * kh;
               acc_t* e = drw.data() + r * kw;
               int64_t ky = j0 / kw, kx = j0 % kw;
-              for (int64_t c = 0; c < bk; ++c) {
-                a[ky] += g[c];
-                e[kx] += g[c];
-                if (++kx == kw) kx = 0, ++ky;
+              for (int64_t c = 0; c < bk;) {  // one run of keys per key row: its sum to a, elementwise to e
+                const int64_t run = std::min(kw - kx, bk - c);
+                a[ky] += ssl_fast::vec::sum_and_accumulate(g + c, run, e + kx);
+                c += run;
+                kx += run;
+                if (kx == kw) kx = 0, ++ky;
               }
             }
           }

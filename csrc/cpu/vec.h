@@ -217,6 +217,96 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// max_j x[j] for j < n (-inf when n = 0), and whether any x[j] is NaN (the max is then not
+// meaningful: the caller propagates NaN).
+template <typename Acc>
+inline Acc max_and_nan(const Acc* x, int64_t n, bool* any_nan) {
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+  bool nan = false;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+#ifdef SSL_FAST_HAVE_AVX512
+    __m512 vm = _mm512_set1_ps(mx);
+    __mmask16 bad = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      vm = _mm512_max_ps(vm, v);
+    }
+    mx = _mm512_reduce_max_ps(vm);
+    nan = bad != 0;
+#elif defined(SSL_FAST_HAVE_AVX2)
+    __m256 vm = _mm256_set1_ps(mx), bad = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vm = _mm256_max_ps(vm, v);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    for (float f : lanes) mx = f > mx ? f : mx;
+    nan = _mm256_movemask_ps(bad) != 0;
+#endif
+  }
+  for (; j < n; ++j) {
+    mx = x[j] > mx ? x[j] : mx;
+    nan |= x[j] != x[j];
+  }
+  *any_nan = nan;
+  return mx;
+}
+
+// sum_j x[j] * y[j] for j < n (lanes added in a fixed order: deterministic).
+template <typename Acc>
+inline Acc dot(const Acc* x, const Acc* y, int64_t n) {
+  Acc sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+#ifdef SSL_FAST_HAVE_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(SSL_FAST_HAVE_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), acc);
+    sum = hsum8(acc);
+#endif
+  }
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+// e[j] += g[j] for j < n; returns sum_j g[j] (lanes added in a fixed order: deterministic).
+template <typename Acc>
+inline Acc sum_and_accumulate(const Acc* g, int64_t n, Acc* e) {
+  Acc sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+#ifdef SSL_FAST_HAVE_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+      const __m512 v = _mm512_loadu_ps(g + j);
+      _mm512_storeu_ps(e + j, _mm512_add_ps(_mm512_loadu_ps(e + j), v));
+      acc = _mm512_add_ps(acc, v);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(SSL_FAST_HAVE_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(g + j);
+      _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), v));
+      acc = _mm256_add_ps(acc, v);
+    }
+    sum = hsum8(acc);
+#endif
+  }
+  for (; j < n; ++j) {
+    e[j] += g[j];
+    sum += g[j];
+  }
+  return sum;
+}
+
 // x[j] = exp(x[j] - c) for j < n, in place; returns the sum (lanes added in a fixed order).
 template <typename Acc>
 inline Acc exp_shift_sum(Acc* x, int64_t n, Acc c) {
