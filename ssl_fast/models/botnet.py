@@ -27,10 +27,9 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
-from ssl_fast.models.layers import DropPath
 from ssl_fast.models.registry import register_model
 from ssl_fast.models.resnet import (BasicBlock, Bottleneck, ResNetBase, check_backbone_args, conv1x1, conv_out,
-                                    drop_path_rates)
+                                    drop_path_module, drop_path_rates, residual_out)
 from ssl_fast.nn import BoTAttention
 
 
@@ -72,7 +71,7 @@ class BoTBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else None
+        self.drop_path = drop_path_module(drop_path_rate)
 
     def reset_attention(self) -> None:
         """timm's ``BottleneckAttn.reset_parameters``: ``qkv`` weight truncated normal with std
@@ -86,16 +85,9 @@ class BoTBlock(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.pool(self.conv2(out))))
-        out = self.bn3(self.conv3(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return residual_out(self, self.bn3(self.conv3(out)), x)
 
 
 def _pair(size, name: str) -> Tuple[int, int]:

@@ -38,8 +38,17 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1, device=None, dtype
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False, device=device, dtype=dtype)
 
 
-def _drop_path_module(rate: float) -> Optional[nn.Module]:
+def drop_path_module(rate: float) -> Optional[nn.Module]:
     return DropPath(rate) if rate > 0.0 else None
+
+
+def residual_out(block: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The end of every residual block here: ``relu(drop_path(out) + shortcut(x))``, with
+    ``block``'s ``drop_path`` and ``downsample`` (each None for identity) and its ``relu``."""
+    if block.drop_path is not None:
+        out = block.drop_path(out)
+    out += x if block.downsample is None else block.downsample(x)
+    return block.relu(out)
 
 
 class BasicBlock(nn.Module):
@@ -68,21 +77,14 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes, **dd)
         self.downsample = downsample
         self.stride = stride
-        self.drop_path = _drop_path_module(drop_path_rate)
+        self.drop_path = drop_path_module(drop_path_rate)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return residual_out(self, self.bn2(self.conv2(out)), x)
 
 
 class Bottleneck(nn.Module):
@@ -115,22 +117,15 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self.drop_path = _drop_path_module(drop_path_rate)
+        self.drop_path = drop_path_module(drop_path_rate)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.drop_path is not None:
-            out = self.drop_path(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return residual_out(self, self.bn3(self.conv3(out)), x)
 
 
 def check_backbone_args(num_classes, width, drop_path_rate, in_chans, layers) -> None:
