@@ -199,19 +199,29 @@ def test_trainer_reports_localisation_when_masks_exist(tmp_path, cluttered):
     t = Trainer(_cfg(tmp_path / "cvsa", epochs=1), data=cluttered)
     summary = t.fit()
     loc = summary["localisation"]
-    assert set(loc) == {"iou", "pointing"} and 0.0 <= loc["iou"] <= 1.0 and 0.0 <= loc["pointing"] <= 1.0
+    assert set(loc) == {"iou", "pointing", "activation_iou", "activation_pointing"}
+    assert all(0.0 <= v <= 1.0 for v in loc.values())
     _, te = cluttered
-    want = localisation_scores(t.method.localisation_maps(te.images), te.masks)
-    assert loc["iou"] == pytest.approx(float(want["mean_iou"]))
-    assert loc["pointing"] == pytest.approx(float(want["pointing_accuracy"]))
+    for prefix, maps in (("", t.method.localisation_maps(te.images)), ("activation_", t.method.activation_maps(te.images))):
+        want = localisation_scores(maps, te.masks)
+        assert loc[prefix + "iou"] == pytest.approx(float(want["mean_iou"]))
+        assert loc[prefix + "pointing"] == pytest.approx(float(want["pointing_accuracy"]))
+    # the activation map is the channel norm of the online backbone's last stage, eval mode
+    bb = t.method.student.encoder.backbone
+    bb.eval()
+    with torch.no_grad():
+        want = bb.feature_maps(t.method.eval_view(te.images[:4]))[-1].norm(dim=1)
+    torch.testing.assert_close(t.method.activation_maps(te.images[:4]), want)
     log = json.loads((tmp_path / "cvsa" / "log.json").read_text())
     assert log["summary"]["localisation"] == loc
     # each map is a distribution over the 4x4 positions of the last stage
     maps = t.method.localisation_maps(te.images[:4])
     assert maps.shape == (4, 4, 4) and torch.allclose(maps.sum((1, 2)), torch.ones(4), atol=1e-5)
-    # without masks, or for a method without maps, nothing is reported
+    # without masks nothing is reported
     tr, te = cluttered
     plain = (ImageSet(tr.images, tr.labels, tr.classes, "ctrain48", masks=tr.masks),
              ImageSet(te.images, te.labels, te.classes, "ctest16"))
     assert Trainer(_cfg(tmp_path / "nomask", epochs=1), data=plain).fit()["localisation"] is None
-    assert Trainer(_cfg(tmp_path / "byol", method="byol", epochs=1), data=cluttered).fit()["localisation"] is None
+    # BYOL has no maps of its own; its backbone's activation is scored the same way as CVSA's
+    assert set(Trainer(_cfg(tmp_path / "byol", method="byol", epochs=1), data=cluttered).fit()["localisation"]) == {
+        "activation_iou", "activation_pointing"}

@@ -97,7 +97,9 @@ class SSLMethod(nn.Module):
     #: the dataclass of the method's options (fields made with :func:`ssl_fast.methods.config.option`)
     config_class: Optional[type] = None
     #: defaults per data set, ``{"digits": {...}, "default": {...}}``: run settings (``arch``,
-    #: ``epochs``, ``batch_size``, ``lr``...) and ``options`` (fields of :attr:`config_class`)
+    #: ``epochs``, ``batch_size``, ``lr``...), ``options`` (fields of :attr:`config_class`) and,
+    #: for a second-stage method, ``stage1``: the run its ``--init`` comes from (``method`` and
+    #: run settings, e.g. ``dict(method="byol", epochs=5)``), which ``ssl-fast compare`` trains first
     presets: Dict[str, Dict[str, Any]] = {}
     #: metrics printed on the progress and epoch lines, as ``{name: format}``, e.g. ``{"momentum": "m {:.5f}"}``
     display_metrics: Dict[str, str] = {}
@@ -183,6 +185,13 @@ class SSLMethod(nn.Module):
         """
         att = self.attention_maps(images)
         return None if att is None else att.float().mean(1)
+
+    @torch.no_grad()
+    def activation_maps(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where the evaluated backbone's last feature map is strongest, ``[B, h, w]`` (channel L2
+        norm, eval mode), or None (a ViT, or a method without such a backbone). The same measure
+        for every CNN method, scored beside :meth:`localisation_maps` at the end of a run."""
+        return None
 
     def attach_data(self, train_set, images: torch.Tensor, out: str) -> None:
         """Called once by the trainer before training (fresh or resumed) with the training set.

@@ -15,9 +15,9 @@ from torch import nn
 from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, register_method
 from ssl_fast.methods.config import MOMENTUM, config_from_options, option
-from ssl_fast.methods.digits import DIGIT_RUN, DIGIT_VIEWS
-from ssl_fast.methods.two_view import (Encoder, MomentumTargetMethod, OnlineNetwork, TwoViewConfig, eval_features,
-                                       feature_width, two_views)
+from ssl_fast.methods.digits import CLUTTERED_DIGIT_RUN, CLUTTERED_DIGIT_VIEWS, DIGIT_RUN, DIGIT_VIEWS
+from ssl_fast.methods.two_view import (Encoder, MomentumTargetMethod, OnlineNetwork, TwoViewConfig, activation_norm,
+                                       eval_features, feature_width, two_views)
 from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import byol_mlp
 from ssl_fast.nn import MomentumTeacher
@@ -52,13 +52,10 @@ class BYOL(MomentumTargetMethod):
     presets = {
         "digits": dict(**DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
                                                  momentum_target=0.99, **DIGIT_VIEWS)),
-        # 32-px digits on clutter (ssl_fast.data.cluttered_digits); flip_p=0 as for digits (a flipped 2 is a 5);
-        # hue/saturation jitter and grayscale, since each digit has a random colour
-        "cluttered-digits": dict(arch="resnet_mini", epochs=20, batch_size=64, image_size=32, lr=0.4, warmup_epochs=1,
-                                 optimizer="sgd", weight_decay=5e-4, weight_decay_end=5e-4,
-                                 options=dict(proj_hidden_dim=512, proj_dim=128, pred_hidden_dim=512,
-                                              momentum_target=0.99,
-                                              **dict(DIGIT_VIEWS, jitter=(0.4, 0.4, 0.4, 0.2), grey_p=0.2))),
+        # 32-px digits on clutter (ssl_fast.data.cluttered_digits): the digits recipe at 32 px, 40 epochs
+        "cluttered-digits": dict(**CLUTTERED_DIGIT_RUN, options=dict(proj_hidden_dim=512, proj_dim=128,
+                                                                     pred_hidden_dim=512, momentum_target=0.99,
+                                                                     **CLUTTERED_DIGIT_VIEWS)),
         "default": dict(arch="resnet18_cifar", epochs=200, batch_size=256, image_size=32, optimizer="lars",
                         options=dict(crops_scale=(0.2, 1.0))),
     }
@@ -99,6 +96,11 @@ class BYOL(MomentumTargetMethod):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The online backbone's features ``[B, D]`` (eval mode) of un-augmented images ``[B, 3, H, W]``."""
         return eval_features(self.student.encoder.backbone, self.views.eval_view(images))
+
+    @torch.no_grad()
+    def activation_maps(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Channel L2 norm of the online backbone's last feature map, ``[B, h, w]`` (None for a ViT)."""
+        return activation_norm(self.student.encoder.backbone, self.views.eval_view(images))
 
     def collapse_warnings(self, metrics: Dict[str, float]) -> List[str]:
         """Warn when the loss sits near 0 from the first epochs: the online and target outputs agree

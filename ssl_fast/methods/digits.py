@@ -17,3 +17,10 @@ DIGIT_VIEWS = dict(crops_scale=DIGIT_CROPS_SCALE, **DIGIT_PHOTOMETRIC)
 #: the run settings of the digits presets: a 0.31M-parameter ResNet on 16-px digits, 60 epochs
 DIGIT_RUN = dict(arch="resnet_mini", epochs=60, batch_size=64, image_size=16, optimizer="adamw", lr=8e-3,
                  warmup_epochs=2, weight_decay=1e-4, weight_decay_end=1e-4)
+
+#: the cluttered digits' views (:mod:`ssl_fast.data.cluttered_digits`): the digits views with
+#: hue/saturation jitter for the coloured backgrounds
+CLUTTERED_DIGIT_VIEWS = dict(DIGIT_VIEWS, jitter=(0.4, 0.4, 0.4, 0.2))
+#: the cluttered digits' run: the digits run at 32 px, 40 epochs. The earlier SGD recipe
+#: (lr 0.4, 20 epochs) left BYOL and CVSA at chance on the validation split
+CLUTTERED_DIGIT_RUN = dict(DIGIT_RUN, image_size=32, epochs=40)

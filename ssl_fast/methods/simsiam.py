@@ -14,7 +14,7 @@ from ssl_fast.data.augment import ViewSet
 from ssl_fast.methods.base import Batch, MethodContext, OptimConfig, SSLMethod, register_method
 from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY_PAIR, config_from_options, option
 from ssl_fast.methods.digits import DIGIT_RUN, DIGIT_VIEWS
-from ssl_fast.methods.two_view import (Encoder, OnlineNetwork, TwoViewConfig, eval_features,
+from ssl_fast.methods.two_view import (Encoder, OnlineNetwork, TwoViewConfig, activation_norm, eval_features,
                                        feature_width, sync_batchnorm_on_gpu, two_views)
 from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import simsiam_predictor, simsiam_projector
@@ -110,6 +110,11 @@ class SimSiam(SSLMethod):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features ``[B, D]`` (eval mode) of un-augmented images ``[B, 3, H, W]``."""
         return eval_features(self.student.encoder.backbone, self.views.eval_view(images))
+
+    @torch.no_grad()
+    def activation_maps(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Channel L2 norm of the online backbone's last feature map, ``[B, h, w]`` (None for a ViT)."""
+        return activation_norm(self.student.encoder.backbone, self.views.eval_view(images))
 
     def collapse_warnings(self, metrics: Dict[str, float]) -> List[str]:
         """Warn when the projections' per-dimension std is near 0 (the collapse the paper shows)."""

@@ -86,6 +86,20 @@ def eval_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
             m.training = mode
 
 
+def activation_norm(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Channel L2 norm ``[B, h, w]`` of the backbone's last feature map in eval mode (where a
+    CNN's features are strongest), or None for a backbone without stages (``feature_maps``)."""
+    if not hasattr(backbone, "feature_maps"):
+        return None
+    was = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        return backbone.feature_maps(x)[-1].float().norm(dim=1)
+    finally:
+        for m, mode in was:
+            m.training = mode
+
+
 def feature_width(backbone: nn.Module) -> int:
     """``num_features`` of a registered backbone."""
     if not hasattr(backbone, "num_features"):

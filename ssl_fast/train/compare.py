@@ -3,8 +3,11 @@
 Each method trains with its own preset for the data (``--epochs``/``--batch-size`` override every
 method alike), into ``<out>/<method>/``, one after the other in this process; a method whose
 folder already holds a finished run of the same settings is resumed (so nothing is trained
-twice). The table gives held-out k-NN and linear-probe accuracy beside the baselines every
-method shares: random init of that method's backbone, and raw pixels.
+twice). A second-stage method whose preset names a ``stage1`` (CVSA after BYOL) first trains
+that run into ``<out>/<method>-stage1-<its method>/`` and starts from it (``--init``); its row
+counts both stages' epochs and time, and ``--epochs`` is then the two stages' total. The table
+gives held-out k-NN and linear-probe accuracy beside the baselines every method shares: random
+init of that method's backbone, and raw pixels.
 """
 import argparse
 import csv
@@ -14,11 +17,14 @@ import sys
 from typing import Any, Dict, List
 
 from ssl_fast._argtypes import number
-from ssl_fast.methods import list_methods
+from ssl_fast.methods import get_method, list_methods
 from ssl_fast.train.config import EVAL_SPLITS, TrainConfig, data_name, resolve_config
 
 COLUMNS = ["method", "arch", "epochs", "train_time_s", "knn_top1", "linear_top1", "knn_random_init",
            "linear_random_init", "knn_raw_pixels", "linear_raw_pixels"]
+#: localisation against known foreground masks (:meth:`~ssl_fast.train.trainer.Trainer.localisation_eval`):
+#: the method's own maps and its backbone's activation, IoU and pointing accuracy; None where absent
+LOCALISATION_COLUMNS = ["iou", "pointing", "activation_iou", "activation_pointing"]
 
 
 def add_compare_parser(sub) -> argparse.ArgumentParser:
@@ -48,7 +54,7 @@ def _methods(text: str) -> List[str]:
 def write_table(out: str, rows: List[Dict[str, Any]], title: str) -> str:
     """Write ``compare.csv``, ``compare.json`` and ``compare.png``; return the table as text."""
     with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + LOCALISATION_COLUMNS)
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(out, "compare.json"), "w") as f:
@@ -57,11 +63,22 @@ def write_table(out: str, rows: List[Dict[str, Any]], title: str) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.2f}"
 
-    lines = ["| method | backbone | epochs | training time (s) | k-NN % | linear % | k-NN random init % | k-NN raw pixels % |",
-             "|---|---|---|---|---|---|---|---|"]
+    def loc(r, prefix):
+        if r.get(prefix + "iou") is None:
+            return "-"
+        return f"{r[prefix + 'iou']:.3f} / {100 * r[prefix + 'pointing']:.1f}"
+
+    with_loc = any(r.get("iou") is not None or r.get("activation_iou") is not None for r in rows)
+    head = "| method | backbone | epochs | training time (s) | k-NN % | linear % | k-NN random init % | k-NN raw pixels % |"
+    if with_loc:
+        head += " own maps IoU / pointing % | activation IoU / pointing % |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['arch']} | {r['epochs']} | {r['train_time_s']:.0f} | {pct(r['knn_top1'])} | "
-                     f"{pct(r['linear_top1'])} | {pct(r['knn_random_init'])} | {pct(r['knn_raw_pixels'])} |")
+        line = (f"| {r['method']} | {r['arch']} | {r['epochs']} | {r['train_time_s']:.0f} | {pct(r['knn_top1'])} | "
+                f"{pct(r['linear_top1'])} | {pct(r['knn_random_init'])} | {pct(r['knn_raw_pixels'])} |")
+        if with_loc:
+            line += f" {loc(r, '')} | {loc(r, 'activation_')} |"
+        lines.append(line)
     from ssl_fast.train.plots import _plt
 
     plt = _plt()
@@ -109,25 +126,57 @@ def run_compare(args: argparse.Namespace, parser=None) -> int:
     os.makedirs(out, exist_ok=True)
     rows = []
     for m in methods:
-        cfg = TrainConfig(method=m, data=args.data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                          device=args.device, eval_split=args.eval_split, out=os.path.join(out, m))
-        try:
-            cfg = resolve_config(cfg)
-        except ValueError as e:
-            return fail(f"{m}: {e}")
-        if os.path.isfile(os.path.join(cfg.out, "checkpoint.pth")):
-            cfg.resume = "auto"
-        try:
-            trainer = Trainer(cfg)
-            summary = trainer.fit()
-        except (ValueError, FileNotFoundError) as e:
-            return fail(f"{m}: {e}")
-        except NonFiniteLossError as e:
-            print(f"ssl-fast compare: {m} stopped: {e}", file=sys.stderr)
+        common = dict(data=args.data, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                      eval_split=args.eval_split)
+        stage1 = dict(get_method(m).preset_for(args.data).get("stage1") or {})
+        first = None
+        epochs = args.epochs
+        if stage1:
+            first_method = stage1.pop("method")
+            try:
+                first = resolve_config(TrainConfig(method=first_method, **{**common, **stage1},
+                                                   out=os.path.join(out, f"{m}-stage1-{first_method}")))
+            except ValueError as e:
+                return fail(f"{m} stage 1: {e}")
+            if epochs is not None:
+                if epochs <= first.epochs:
+                    return fail(f"{m}: --epochs {epochs} leaves no epoch after its {first.epochs}-epoch "
+                                f"{first_method} stage 1 (--epochs is the two stages' total)")
+                epochs -= first.epochs
+        runs = ([first] if first else []) + [TrainConfig(method=m, epochs=epochs, out=os.path.join(out, m), **common)]
+        train_s, summary, first_summary = 0.0, None, None
+        for i, cfg in enumerate(runs):
+            if i and first is not None:
+                cfg.init = os.path.join(runs[0].out, "checkpoint.pth")
+            try:
+                cfg = resolve_config(cfg)
+            except ValueError as e:
+                return fail(f"{m}: {e}")
+            if os.path.isfile(os.path.join(cfg.out, "checkpoint.pth")):
+                cfg.resume = "auto"
+            try:
+                trainer = Trainer(cfg)
+                summary = trainer.fit()
+            except (ValueError, FileNotFoundError) as e:
+                return fail(f"{m}: {e}")
+            except NonFiniteLossError as e:
+                print(f"ssl-fast compare: {m} stopped: {e}", file=sys.stderr)
+                summary = None
+                break
+            train_s += sum(r["epoch_time_s"] for r in trainer.history["epochs"])
+            if i == 0 and first is not None:
+                first_summary = summary
+        if summary is None:
             continue
-        train_s = sum(r["epoch_time_s"] for r in trainer.history["epochs"])
-        rows.append({"method": m, "arch": cfg.arch, "epochs": summary["epochs_done"], "train_time_s": train_s,
-                     **{k: summary.get(k) for k in COLUMNS[4:]}})
+        row = {"method": m, "arch": cfg.arch, "epochs": summary["epochs_done"], "train_time_s": train_s,
+               **{k: summary.get(k) for k in COLUMNS[4:]},
+               **{k: (summary.get("localisation") or {}).get(k) for k in LOCALISATION_COLUMNS}}
+        if first is not None:
+            # the second stage's first evaluation measured the stage-1 weights: random init is stage 1's
+            row.update(method=f"{m} (after {first.method})", epochs=f"{first_summary['epochs_done']}+{row['epochs']}",
+                       knn_random_init=first_summary.get("knn_random_init"),
+                       linear_random_init=first_summary.get("linear_random_init"))
+        rows.append(row)
     table = write_table(out, rows, f"{data_name(args.data)} ({args.eval_split} split), seed {args.seed}")
     print(table)
     print(f"written: {out}/compare.csv, compare.json, compare.png")

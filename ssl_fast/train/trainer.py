@@ -32,7 +32,7 @@ from ssl_fast.data.datasets import ImageSet, load_dataset, stratified_split
 from ssl_fast.methods import Batch, MethodContext, create_method
 from ssl_fast.train import distributed as D
 from ssl_fast.train.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, resolve_resume)
-from ssl_fast.train.config import TrainConfig, resolve_config
+from ssl_fast.train.config import TrainConfig, data_name, resolve_config
 from ssl_fast.train.evaluation import (extract_features, knn_top1, linear_top1, one_per_class, raw_pixels)
 from ssl_fast.train.localisation import localisation_scores
 from ssl_fast.train.optim import build_optimizer
@@ -209,21 +209,28 @@ class Trainer(CheckpointState):
 
     @torch.no_grad()
     def localisation_eval(self) -> Optional[Dict[str, float]]:
-        """IoU and pointing accuracy of the method's :meth:`localisation_maps` on the held-out set
-        against its foreground masks; None when the set has no masks or the method gives no maps."""
+        """IoU and pointing accuracy on the held-out set against its foreground masks: ``iou``,
+        ``pointing`` of the method's own :meth:`localisation_maps` and ``activation_iou``,
+        ``activation_pointing`` of its backbone's :meth:`activation_maps` (the same measure for
+        every CNN method), each pair where the method gives such maps; None when the set has no
+        masks or the method gives neither."""
         masks = self.test_set.masks
         if masks is None:
             return None
         self.method.eval()
-        maps = []
-        for i in range(0, len(self.test_set), 256):
-            with self._autocast():
-                m = self.method.localisation_maps(self.test_set.images[i:i + 256].to(self.device))
-            if m is None:
-                return None
-            maps.append(m.float().cpu())
-        s = localisation_scores(torch.cat(maps), masks)
-        return {"iou": float(s["mean_iou"]), "pointing": float(s["pointing_accuracy"])}
+        out = {}
+        for prefix, maps_of in (("", self.method.localisation_maps), ("activation_", self.method.activation_maps)):
+            maps = []
+            for i in range(0, len(self.test_set), 256):
+                with self._autocast():
+                    m = maps_of(self.test_set.images[i:i + 256].to(self.device))
+                if m is None:
+                    break
+                maps.append(m.float().cpu())
+            else:
+                s = localisation_scores(torch.cat(maps), masks)
+                out.update({prefix + "iou": float(s["mean_iou"]), prefix + "pointing": float(s["pointing_accuracy"])})
+        return out or None
 
     def save_attention(self, path: str) -> bool:
         """Write the last block's class-token attention per head for a few held-out images."""
@@ -364,6 +371,11 @@ class Trainer(CheckpointState):
                 f"device {self.device}{' bf16' if self.amp else ''} x{self.dist.world_size} | global batch "
                 f"{cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, {self.optimizer_name} "
                 f"lr {self.base_lr:.2e}")
+        stage1 = self.method.preset_for(cfg.data, cfg.arch).get("stage1")
+        if stage1 and cfg.init is None and self.start_epoch == 0:
+            p.print(f"note: {cfg.method}'s preset for {data_name(cfg.data)} is a second stage after "
+                    f"{stage1.get('epochs', '')} epochs of {stage1['method']}: pass that run's checkpoint with --init "
+                    f"(ssl-fast compare --methods {cfg.method} runs both stages); starting from random init")
         self._baselines()
         base, pixels = self.history["knn_random_init"], self.history["knn_raw_pixels"]
         end = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
@@ -410,8 +422,11 @@ class Trainer(CheckpointState):
             if done:
                 gain = summary["knn_top1"] - base
                 lin = f", linear probe {linear:.2f}%" if linear is not None else ""
-                where = (f" | localisation IoU {loc['iou']:.3f}, pointing {100 * loc['pointing']:.1f}%"
-                         if loc is not None else "")
+                where = ""
+                for prefix, name in (("", "localisation"), ("activation_", "activation localisation")):
+                    if loc is not None and prefix + "iou" in loc:
+                        where += (f" | {name} IoU {loc[prefix + 'iou']:.3f}, "
+                                  f"pointing {100 * loc[prefix + 'pointing']:.1f}%")
                 p.print(f"done: {cfg.method.upper()} {cfg.arch}, {done}/{cfg.epochs} epochs in "
                         f"{summary['wall_time_s']:.0f}s | {'held-out' if cfg.eval_split == 'test' else 'validation'} "
                         f"k-NN top-1 {summary['knn_top1']:.2f}%{lin} vs {self._start_name()} {base:.2f}% "
