@@ -25,15 +25,16 @@ def centre_prior(n: int, size: int):
     return g.expand(n, size, size)
 
 
-def mean_sd(values: List[float]) -> str:
+def mean_sd(values: List[float], digits: int = 2) -> str:
+    """``mean ± sample standard deviation`` of the values that are not None ("-" if none)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "-"
     m = sum(vals) / len(vals)
     if len(vals) == 1:
-        return f"{m:.2f}"
+        return f"{m:.{digits}f}"
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{m:.2f} ± {sd:.2f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 def main(argv=None) -> int:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
                                               f"{set_name} own pointing": 100 * float(s["pointing_accuracy"])}
 
     def cell(ms: List[Dict], key: str) -> str:
-        return mean_sd([r.get(key) for r in ms])
+        return mean_sd([r.get(key) for r in ms], 3 if key.endswith("iou") else 1)
 
     print("| runs | seeds | k-NN % | linear % | own maps IoU / pointing % (held-out; anywhere) | "
           "activation IoU / pointing % (held-out; anywhere) |")

@@ -195,9 +195,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, cluttered):
     assert (tmp_path / "part" / "saliency-ctrain48-masks-32x32.pt").is_file()
 
 
-def test_trainer_reports_localisation_when_masks_exist(tmp_path, cluttered):
+def test_trainer_reports_localisation_when_masks_exist(tmp_path, cluttered, capsys):
     t = Trainer(_cfg(tmp_path / "cvsa", epochs=1), data=cluttered)
     summary = t.fit()
+    # the cluttered-digits preset is a second stage: a start without --init says so
+    assert "note: cvsa's preset for cluttered-digits is a second stage after 2 epochs of byol" in capsys.readouterr().out
     loc = summary["localisation"]
     assert set(loc) == {"iou", "pointing", "activation_iou", "activation_pointing"}
     assert all(0.0 <= v <= 1.0 for v in loc.values())

@@ -37,7 +37,7 @@ class Clutter:
     texture and grating below 0.45 together) while the background fills ~88% of the pixels.
     Held-out raw-pixel k-NN (k=20, cosine): 86.4% with no background, 77.4% with it. What the
     background does to self-supervision is larger: BYOL with random resized crops learns it
-    instead of the digit (validation k-NN 68% without the background, 10% with it; random init
+    instead of the digit (validation k-NN 67% without the background, 9% with it; random init
     66% and 50%), which is what this set is for.
 
     Digits are white and near the centre by default (``digit_shift=0.3``). With random colours
