@@ -44,7 +44,7 @@ from ssl_fast.methods.byol import BYOL, BYOLConfig
 from ssl_fast.methods.digits import CLUTTERED_DIGIT_RUN, CLUTTERED_DIGIT_VIEWS
 from ssl_fast.methods.care import stage_sizes
 from ssl_fast.methods.config import POSITIVE_INT, PROBABILITY_PAIR, config_from_options, option
-from ssl_fast.methods.two_view import activation_norm, Encoder, OnlineNetwork, eval_features
+from ssl_fast.methods.two_view import Encoder, OnlineNetwork, activation_norm, eval_features, eval_mode
 from ssl_fast.models import create_backbone
 from ssl_fast.models.heads import byol_mlp
 from ssl_fast.nn import MomentumTeacher, SaliencyAlignmentLoss
@@ -335,16 +335,9 @@ class CVSA(BYOL):
         """``(online conv prediction, target conv projection)`` of un-augmented images, both
         ``[B, conv_dim, h, w]``, with BatchNorm in eval mode (running statistics)."""
         x = self.eval_view(images)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        for m in self.modules():
-            m.training = False
-        try:
+        with eval_mode(self):
             _, q = self.student(x)
             _, k = self.teacher.module(x)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         return q, k
 
     @torch.no_grad()

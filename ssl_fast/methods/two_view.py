@@ -1,5 +1,6 @@
 """What the two-view methods (BYOL, SimSiam, CARE) share: their view options, the views, and the
 evaluation of a CNN backbone. Each method keeps its own defaults in its own config class."""
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -75,15 +76,25 @@ class OnlineNetwork(nn.Module):
 
 
 @torch.no_grad()
-def eval_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``backbone(x)`` in eval mode (BatchNorm with running statistics), its mode restored after."""
-    was = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Every submodule of ``module`` in eval mode (BatchNorm with running statistics) inside the
+    block, each one's own mode restored after. Set per submodule, not by ``module.eval()``: a
+    method's ``train()`` keeps its momentum target's BatchNorm in train mode."""
+    was = [(m, m.training) for m in module.modules()]
+    for m, _ in was:
+        m.training = False
     try:
-        return backbone(x)
+        yield module
     finally:
         for m, mode in was:
             m.training = mode
+
+
+def eval_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``backbone(x)`` in eval mode (BatchNorm with running statistics), its mode restored after."""
+    with eval_mode(backbone):
+        return backbone(x)
 
 
 def activation_norm(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -91,13 +102,8 @@ def activation_norm(backbone: nn.Module, x: torch.Tensor) -> Optional[torch.Tens
     CNN's features are strongest), or None for a backbone without stages (``feature_maps``)."""
     if not hasattr(backbone, "feature_maps"):
         return None
-    was = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
-    try:
+    with eval_mode(backbone):
         return backbone.feature_maps(x)[-1].float().norm(dim=1)
-    finally:
-        for m, mode in was:
-            m.training = mode
 
 
 def feature_width(backbone: nn.Module) -> int:
