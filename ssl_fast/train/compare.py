@@ -143,11 +143,11 @@ def run_compare(args: argparse.Namespace, parser=None) -> int:
                     return fail(f"{m}: --epochs {epochs} leaves no epoch after its {first.epochs}-epoch "
                                 f"{first_method} stage 1 (--epochs is the two stages' total)")
                 epochs -= first.epochs
-        runs = ([first] if first else []) + [TrainConfig(method=m, epochs=epochs, out=os.path.join(out, m), **common)]
+        init = os.path.join(first.out, "checkpoint.pth") if first else None
+        runs = ([first] if first else []) + [TrainConfig(method=m, epochs=epochs, out=os.path.join(out, m), init=init,
+                                                         **common)]
         train_s, summary, first_summary = 0.0, None, None
         for i, cfg in enumerate(runs):
-            if i and first is not None:
-                cfg.init = os.path.join(runs[0].out, "checkpoint.pth")
             try:
                 cfg = resolve_config(cfg)
             except ValueError as e:
